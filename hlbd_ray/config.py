@@ -63,7 +63,7 @@ class TrainConfig:
     # "auto": bf16 autocast where it measured faster (GPU, CPU with AMX), else fp32.
     precision: str = "auto"
     # Longest sequence [BOS] prompt [SEP] answer [EOS]; longer answers are cut.
-    max_len: int = 224
+    max_len: int = 256
     # "answer": loss and accuracy on answer tokens only; "all": every real token.
     loss_on: str = "answer"
     # Report (and send batch losses) every N optimizer steps.
@@ -147,7 +147,8 @@ class ClusterConfig:
     # Local cluster only (None: what the machine has).
     num_cpus: Optional[int] = None
     num_gpus: Optional[int] = None
-    include_dashboard: bool = True
+    # A local cluster always starts the dashboard: besides the UI, its state API is how
+    # Ray Train frees the CPUs of an early-stopped trial. Bound to this host only.
     dashboard_host: str = "127.0.0.1"
     # How often Ray Train's controller polls workers; its 2 s default blocks every report.
     health_check_interval_s: float = 0.05

@@ -1,0 +1,277 @@
+"""Benchmark: the streaming report aggregator against rebuilding the report from every batch.
+
+The same deterministic stream of reports (trials x epochs x batches, ~20 batch losses per
+report, trials interleaved as Tune delivers them) is fed to
+
+- ours: `ReportAggregator` (bounded buckets, cached serialisation, atomic writes of the
+  parquet tables, the sweep JSON and one JSON per trial), and
+- rebuild: the reference's approach: keep every batch loss ever seen and, on each write,
+  rebuild each changed trial's `experiment_report.json` from all of them (epoch means,
+  100 uniformly sampled points per epoch) and json-dump it in place.
+
+Both write into their own temporary folder on the same schedule: every `--write-every`
+reports (default: one round of reports, so every trial's file is refreshed each time it
+reports, the finest schedule a report-fed writer can have) and at each trial's end.
+
+Measured: CPU time (time.process_time) of each whole run, write latency of each (wall
+clock, one write = everything written at that point), and peak memory in a second pass
+under tracemalloc (ours adds the Arrow buffers, which tracemalloc does not see).
+
+    python bench/aggregator.py            # full size: 8 x 50 x 1,600
+    python bench/aggregator.py --smoke --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+import tracemalloc
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+from hlbd_ray.report import ReportAggregator
+
+
+@dataclass
+class StandInTrial:
+    """The attributes of a Tune Trial that the aggregator reads."""
+
+    trial_id: str
+    config: dict[str, Any] = field(default_factory=dict)
+    status: str = "RUNNING"
+
+
+def make_losses(trials: int, epochs: int, batches: int, seed: int = 0) -> list[array]:
+    """A decaying noisy loss per trial with rare spikes and rare non-finite batches
+    (stored as NaN here; reports carry them as None)."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(trials):
+        losses = array("d")
+        for i in range(epochs * batches):
+            x = 2.0 + 6.0 * math.exp(-i / (batches * (1 + t))) + rng.gauss(0, 0.15)
+            if rng.random() < 0.001:
+                x *= 5
+            losses.append(math.nan if rng.random() < 0.0005 else x)
+        out.append(losses)
+    return out
+
+
+def reports(losses: list[array], epochs: int, batches: int, per_report: int) -> Iterator[tuple[int, dict]]:
+    """(trial index, report dict) in round-robin order, following the report contract."""
+    cursors = [0] * len(losses)
+    total = epochs * batches
+    while any(c < total for c in cursors):
+        for t, series in enumerate(losses):
+            start = cursors[t]
+            if start >= total:
+                continue
+            epoch = start // batches
+            end = min(start + per_report, (epoch + 1) * batches)
+            window = [None if x != x else x for x in series[start:end]]
+            finite = [x for x in window if x is not None]
+            epoch_end = end == (epoch + 1) * batches
+            cursors[t] = end
+            yield t, {
+                "epoch": epoch, "epochs_done": epoch + int(epoch_end), "step": end // 2,
+                "batch": end, "batch_start": start, "batch_losses": window,
+                "epoch_batches": batches, "epoch_end": epoch_end,
+                "epoch_loss": sum(finite) / len(finite) if finite else None,
+                "loss": finite[-1] if finite else None, "ppl": None, "acc": 0.5,
+                "lr": 3e-4, "grad_norm": 1.0, "fw_ms": 10.0, "bw_ms": 20.0,
+                "tokens_per_s": 1500.0, "skipped_steps": 0,
+                "val_loss": 2.5 if epoch_end else None, "val_ppl": 12.2 if epoch_end else None,
+                "val_acc": 0.4, "val_exact": 0.1, "val_step": end // 2,
+                "d_model": 256, "num_heads": 8, "head_dim": 32, "stop_reason": "",
+                "training_iteration": end // per_report, "time_total_s": end * 1.0,
+            }
+
+
+class RebuildReference:
+    """The reference's report: all batch losses kept, the whole report rebuilt per write."""
+
+    def __init__(self, out_dir: Path, points: int, dataset_stats: dict) -> None:
+        self.out_dir, self.points, self.dataset_stats = out_dir, points, dataset_stats
+        self.losses: dict[str, list[list[float | None]]] = {}
+        self.epoch: dict[str, int] = {}
+        self.dirty: set[str] = set()
+
+    def add(self, trial_id: str, report: dict) -> None:
+        epochs = self.losses.setdefault(trial_id, [])
+        while len(epochs) <= report["epoch"]:
+            epochs.append([])
+        epochs[report["epoch"]].extend(report["batch_losses"])
+        self.epoch[trial_id] = report["epoch"]
+        self.dirty.add(trial_id)
+
+    def write(self) -> None:
+        for trial_id in sorted(self.dirty):
+            path = self.out_dir / trial_id / "experiment_report.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:  # in place, as the reference did
+                json.dump(self.rebuild(trial_id), f, indent=2)
+        self.dirty.clear()
+
+    def rebuild(self, trial_id: str) -> dict:
+        control, points = [], []
+        for batch_losses in self.losses[trial_id]:
+            finite = [x for x in batch_losses if x is not None]
+            control.append(sum(finite) / len(finite) if finite else None)
+            stride = max(1, len(batch_losses) // self.points)
+            points.extend(batch_losses[::stride][: self.points])
+        return {"control_losses": control, "batch_losses": points,
+                "current_epoch": self.epoch[trial_id],
+                "total_batches": sum(len(e) for e in self.losses[trial_id]),
+                "dataset_stats": self.dataset_stats,
+                "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def run_ours(stream: Iterator[tuple[int, dict]], trials: list[StandInTrial], out: Path,
+             points: int, write_every: int, stats: dict, total: int) -> list[float]:
+    ticks = [0.0]
+    agg = ReportAggregator(out, points, every_s=write_every, dataset_stats=stats,
+                           clock=lambda: ticks[0])
+    durations = _timed(agg, "flush")
+    for t, report in stream:
+        ticks[0] += 1.0   # one tick per report: a write every `write_every` reports
+        agg.on_trial_result(0, trials, trials[t], report)
+        if report["batch"] == total:
+            agg.on_trial_complete(0, trials, trials[t])
+    agg.on_experiment_end(trials)
+    assert agg.failed_writes == 0, "the aggregator failed to write during the benchmark"
+    return durations
+
+
+def run_rebuild(stream: Iterator[tuple[int, dict]], trials: list[StandInTrial], out: Path,
+                points: int, write_every: int, stats: dict, total: int) -> list[float]:
+    ref = RebuildReference(out, points, stats)
+    durations = _timed(ref, "write")
+    for n, (t, report) in enumerate(stream, 1):
+        ref.add(trials[t].trial_id, report)
+        if n % write_every == 0 or report["batch"] == total:
+            ref.write()
+    ref.write()
+    return durations
+
+
+def _timed(obj: Any, name: str) -> list[float]:
+    """Wrap obj.<name> so each call's wall time lands in the returned list."""
+    durations: list[float] = []
+    inner = getattr(obj, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            durations.append(time.perf_counter() - t0)
+    setattr(obj, name, timed)
+    return durations
+
+
+def measure(runner: Callable, args: argparse.Namespace, losses: list[array],
+            memory: bool) -> dict[str, float]:
+    trials = [StandInTrial(f"bench_{i:05d}", {"lr": 3e-4, "pair": "256x8"})
+              for i in range(args.trials)]
+    stats = {"train_pairs": 9000, "val_pairs": 1000}
+    total = args.epochs * args.batches
+    with tempfile.TemporaryDirectory() as tmp:
+        stream = reports(losses, args.epochs, args.batches, args.report_batches)
+        if memory:
+            tracemalloc.start()
+            arrow_peak = [pa.total_allocated_bytes()]
+            pool = _timed_arrow_probe(arrow_peak)
+            runner(_probe(stream, pool), trials, Path(tmp), args.points, args.write_every,
+                   stats, total)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            # Arrow bytes above what was allocated before this pass began.
+            return {"peak_mb": (peak + max(arrow_peak) - arrow_peak[0]) / 2**20}
+        cpu0 = time.process_time()
+        durations = runner(stream, trials, Path(tmp), args.points, args.write_every, stats,
+                           total)
+        cpu = time.process_time() - cpu0
+    ms = sorted(d * 1000 for d in durations)
+    return {"cpu_s": cpu, "writes": len(ms), "p50": statistics.median(ms),
+            "p95": ms[min(len(ms) - 1, int(0.95 * len(ms)))]}
+
+
+def _timed_arrow_probe(peak: list[int]) -> Callable[[], None]:
+    def probe() -> None:
+        peak.append(pa.total_allocated_bytes())
+    return probe
+
+
+def _probe(stream: Iterator, probe: Callable[[], None], every: int = 50) -> Iterator:
+    # Arrow buffers live outside Python's allocator; sample them as the stream goes.
+    for n, item in enumerate(stream):
+        if n % every == 0:
+            probe()
+        yield item
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="report aggregator vs full rebuild")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--batches", type=int, default=1600, help="micro-batches per epoch")
+    parser.add_argument("--report-batches", type=int, default=20)
+    parser.add_argument("--write-every", type=int, default=0,
+                        help="reports between writes (0: one round, = --trials)")
+    parser.add_argument("--points", type=int, default=100)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args()
+    if args.smoke:
+        args.trials, args.epochs, args.batches = 2, 3, 400
+    args.write_every = args.write_every or args.trials
+    losses = make_losses(args.trials, args.epochs, args.batches)
+    ours = measure(run_ours, args, losses, memory=False)
+    ref = measure(run_rebuild, args, losses, memory=False)
+    mem_ours = mem_ref = {"peak_mb": math.nan}
+    if not args.no_memory:
+        mem_ours = measure(run_ours, args, losses, memory=True)
+        mem_ref = measure(run_rebuild, args, losses, memory=True)
+    result = {
+        "trials": args.trials, "epochs": args.epochs, "batches_per_epoch": args.batches,
+        "report_batches": args.report_batches, "write_every_reports": args.write_every,
+        "cpu_s_ours": ours["cpu_s"], "cpu_s_rebuild": ref["cpu_s"],
+        "cpu_ratio_vs_rebuild": ref["cpu_s"] / ours["cpu_s"],
+        "peak_mem_ours_mb": mem_ours["peak_mb"], "peak_mem_rebuild_mb": mem_ref["peak_mb"],
+        "writes_ours": ours["writes"], "writes_rebuild": ref["writes"],
+        "write_ms_p50": ours["p50"], "write_ms_p95": ours["p95"],
+        "rebuild_write_ms_p50": ref["p50"], "rebuild_write_ms_p95": ref["p95"],
+    }
+    print_table(result)
+    if args.json:
+        print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                          for k, v in result.items()}))
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"{r['trials']} trials x {r['epochs']} epochs x {r['batches_per_epoch']} batches, "
+          f"{r['report_batches']} batches per report, a write every {r['write_every_reports']} reports")
+    print(f"{'':22}{'ours':>12}{'rebuild':>12}{'ratio':>10}")
+    rows = (("CPU s", "cpu_s_ours", "cpu_s_rebuild"),
+            ("peak memory MiB", "peak_mem_ours_mb", "peak_mem_rebuild_mb"),
+            ("writes", "writes_ours", "writes_rebuild"),
+            ("write ms p50", "write_ms_p50", "rebuild_write_ms_p50"),
+            ("write ms p95", "write_ms_p95", "rebuild_write_ms_p95"))
+    for label, a, b in rows:
+        x, y = r[a], r[b]
+        ratio = y / x if x else math.nan
+        print(f"{label:22}{x:12.3f}{y:12.3f}{ratio:10.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Shared command-line surface of the jobs: `--config PATH` plus OmegaConf dotlist overrides."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from hlbd_ray.config import CONF_DIR, Config, load_config
+from hlbd_ray.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse would exit 2 itself; raising keeps one path for every user error.
+        raise UserError(message)
+
+
+def parse_job_args(argv: list[str], default_config: str, description: str) -> Config:
+    parser = _Parser(description=description)
+    parser.add_argument("--config", default=str(CONF_DIR / default_config),
+                        help=f"YAML config (default: conf/{default_config})")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.lr=1e-3")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create the output folder or refuse before any work starts, naming the folder."""
+    if "://" in str(path):
+        return Path(str(path))  # remote storage: checked by Ray when it first writes
+    folder = Path(path).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"output folder {folder} cannot be created: {err.strerror}") from None
+    try:
+        # A real write, not os.access: permission bits say nothing about read-only mounts
+        # (or to root).
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"output folder {folder} is not writable: {err.strerror}") from None
+    return folder

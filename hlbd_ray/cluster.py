@@ -1,0 +1,74 @@
+"""Starting or attaching to Ray, with the settings our runs need and safe network defaults."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from hlbd_ray.config import ClusterConfig
+from hlbd_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Ray Train's controller drains worker reports once per health-check interval; its 2 s
+# default makes every ray.train.report block ~2 s. The value must reach the controller
+# process, which lives wherever Ray starts actors: hence the driver env (a local cluster
+# inherits it) *and* the job's runtime_env (an existing cluster does not).
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def ray_env_vars(cluster: ClusterConfig) -> dict[str, str]:
+    """Env vars for every Ray process of this job; a value the user already set wins."""
+    wanted = {HEALTH_CHECK_ENV: str(cluster.health_check_interval_s)}
+    return {k: v for k, v in wanted.items() if k not in os.environ}
+
+
+def start_ray(cluster: ClusterConfig) -> dict[str, Any]:
+    """Attach to a running cluster (cluster.address or RAY_ADDRESS) or start a local one.
+
+    A local cluster binds its dashboard to cluster.dashboard_host (127.0.0.1 unless the
+    user asks otherwise): exposing it would hand job submission to the network.
+    """
+    import ray
+
+    env = ray_env_vars(cluster)
+    os.environ.update(env)
+    runtime_env = {"env_vars": env} if env else None
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        context = ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                           include_dashboard=True, dashboard_host=cluster.dashboard_host,
+                           runtime_env=runtime_env)
+    url = getattr(context, "dashboard_url", None)
+    info = {"address": address or "local", "dashboard_url": f"http://{url}" if url else None,
+            "resources": ray.cluster_resources()}
+    if info["dashboard_url"]:
+        print(f"Ray dashboard: {info['dashboard_url']}", flush=True)
+    return info
+
+
+def require_state_api(timeout_s: float = 30.0) -> None:
+    """Refuse a cluster without the dashboard's state API, before any trial starts.
+
+    When a scheduler stops a trial early, its Train workers' placement group is removed
+    by a cleaner that asks the state API whether the run's controller is gone. Without
+    it the CPUs are never freed and the next trials wait forever.
+    """
+    from ray.util.state import list_nodes
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            list_nodes(limit=1, timeout=5, raise_on_missing_output=False)
+            return
+        except Exception as err:  # the dashboard may still be starting: retry, then refuse
+            if time.monotonic() > deadline:
+                raise UserError(
+                    "the Ray cluster has no working dashboard/state API "
+                    f"({type(err).__name__}); sweeps need it to free early-stopped trials' "
+                    "CPUs: start the head with --include-dashboard=true") from None
+            time.sleep(1.0)

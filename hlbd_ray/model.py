@@ -1,0 +1,252 @@
+"""The APT language model: a strictly causal decoder-only transformer.
+
+Position t only ever sees tokens 0..t, so loss, perplexity and accuracy are real
+language-model metrics (the reference fed the answer to an unmasked encoder).
+Two attention kinds share one block:
+
+- `standard`: fused QKV and the causal scaled_dot_product_attention kernel.
+- `autopoietic`: the scores q.k/sqrt(d) go through a small learned function applied to
+  each score on its own, s' = s + alpha * mlp(s / temperature), and only then get the
+  causal mask. Being pointwise, the transform cannot move information between
+  positions, and because the mask comes after it, no future position can contribute.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hlbd_ray.config import ModelConfig, check_heads
+from hlbd_ray.errors import UserError
+
+ATTENTION_KINDS = ("standard", "autopoietic")
+SCORE_MLP_HIDDEN = 8  # width of the autopoietic per-score MLP
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the model: the model config plus data-given sizes."""
+
+    vocab_size: int
+    d_model: int = 256
+    num_heads: int = 8
+    num_layers: int = 6
+    d_ff: int = 1024
+    dropout: float = 0.1
+    max_seq_len: int = 256
+    attention: str = "standard"
+
+    def __post_init__(self) -> None:
+        # Refuse at construction: 256 / 12 heads must never reach a reshape deep inside.
+        check_heads(self.d_model, self.num_heads)
+        for key in ("vocab_size", "num_layers", "d_ff", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"model {key} must be > 0, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ATTENTION_KINDS:
+            raise UserError(f"model.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> "ModelSpec":
+        return cls(vocab_size=vocab_size, d_model=model_cfg.d_model, num_heads=model_cfg.num_heads,
+                   num_layers=model_cfg.num_layers, d_ff=model_cfg.d_ff, dropout=model_cfg.dropout,
+                   max_seq_len=max_seq_len, attention=model_cfg.attention)
+
+
+class _ScoreMLP(torch.autograd.Function):
+    """out = s + sum_j c_j * gelu(a_j * s + b_j), elementwise, saving only s.
+
+    Plain autograd would keep every hidden unit's [B, H, T, T] activation for the
+    backward pass (26x the size of the scores, over 1 GB for the playground model);
+    here backward recomputes them. On CPU the work runs over cache-sized blocks of
+    scores, all hidden units per block, so the scores come from memory once, not once
+    per unit (measured 2-3x faster). A GPU gets one block: fewer kernel launches.
+    """
+
+    block_elems = 1 << 18  # 1 MB of fp32: fits a core's L2 cache
+
+    @staticmethod
+    def _blocks(*tensors: torch.Tensor):
+        size = tensors[0].numel() if tensors[0].is_cuda else _ScoreMLP.block_elems
+        return zip(*(t.view(-1).split(size) for t in tensors))
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        s = s.contiguous()
+        ctx.save_for_backward(s, a, b, c)
+        out = s.clone()
+        for s_blk, out_blk in _ScoreMLP._blocks(s, out):
+            for j in range(a.numel()):  # the hidden width, never batch, heads or positions
+                out_blk.addcmul_(torch.ops.aten.gelu_(torch.addcmul(b[j], s_blk, a[j])), c[j])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        s, a, b, c = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_s = grad.clone()
+        # Per hidden unit: sums of grad * gelu(z), grad * gelu'(z) and grad * gelu'(z) * s.
+        sums = torch.zeros(3, a.numel(), dtype=a.dtype, device=a.device)
+        for s_blk, g_blk, gs_blk in _ScoreMLP._blocks(s, grad, grad_s):
+            for j in range(a.numel()):
+                z = torch.addcmul(b[j], s_blk, a[j])
+                # grad * gelu'(z) in one fused pass (the kernel autograd uses for F.gelu).
+                g_z = torch.ops.aten.gelu_backward(g_blk, z)
+                sums[0, j] += torch.dot(g_blk, torch.ops.aten.gelu_(z))
+                sums[1, j] += g_z.sum()
+                sums[2, j] += torch.dot(g_z, s_blk)
+                gs_blk.addcmul_(g_z, c[j] * a[j])
+        return grad_s, c * sums[2], c * sums[1], sums[0]
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, with the CPU mask drawn by torch.rand: measured ~1.7x faster there."""
+    if not training or p == 0.0:
+        return x
+    if x.is_cuda:
+        return F.dropout(x, p, True)
+    keep = (torch.rand(x.shape, device=x.device) >= p).to(x.dtype)
+    return x * keep.mul_(1.0 / (1.0 - p))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.num_heads, self.dropout = spec.num_heads, spec.dropout
+        self.autopoietic = spec.attention == "autopoietic"
+        # One matmul for q, k and v instead of three.
+        self.qkv = nn.Linear(spec.d_model, 3 * spec.d_model)
+        self.proj = nn.Linear(spec.d_model, spec.d_model)
+        future = torch.ones(spec.max_seq_len, spec.max_seq_len, dtype=torch.bool).triu(1)
+        self.register_buffer("future", future, persistent=False)
+        if self.autopoietic:
+            hidden = SCORE_MLP_HIDDEN
+            # Shared by the heads of a layer. w1 ~ N(0, 1) because scores are O(1).
+            self.w1 = nn.Parameter(torch.randn(hidden))
+            self.b1 = nn.Parameter(torch.zeros(hidden))
+            self.w2 = nn.Parameter(torch.randn(hidden) / math.sqrt(hidden))
+            # No output bias: softmax ignores a constant shift, so it would never learn.
+            self.log_temperature = nn.Parameter(torch.zeros(()))
+            # alpha = 0: the block starts as exact standard attention and learns to depart.
+            self.alpha = nn.Parameter(torch.zeros(()))
+
+    def transform(self, scores: torch.Tensor) -> torch.Tensor:
+        """s + alpha * mlp(s / temperature), each score on its own (no mask here)."""
+        # Fold temperature and alpha into the hidden weights: same function, fewer passes.
+        a = self.w1 / self.log_temperature.exp()
+        return _ScoreMLP.apply(scores, a, self.b1, self.alpha * self.w2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # [B, T, 3, H, hd] -> three [B, H, T, hd] views, no copies.
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        # The fused causal kernel, except where it cannot serve: the autopoietic transform,
+        # and attention dropout on CPU, where the kernel falls back to an fp32 reference
+        # path that measured slower than the explicit one below (~20% of a bf16 step).
+        if not self.autopoietic and (p == 0.0 or x.is_cuda):
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            # Scale q rather than the T x T scores: T / head_dim times less work.
+            scores = (q * (q.size(-1) ** -0.5)) @ k.transpose(-2, -1)
+            if self.autopoietic:
+                # fp32 even under autocast: bf16 keeps ~3 digits of a score, and fp32
+                # elementwise work measured faster on CPU.
+                scores = self.transform(scores.float())
+            # The mask comes after the transform, so no future score can leak through it.
+            scores = scores.masked_fill(self.future[:T, :T], float("-inf"))
+            y = _dropout(scores.softmax(dim=-1), p, self.training) @ v
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return _dropout(self.proj(y), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.dropout = spec.dropout
+        self.ln1, self.ln2 = nn.LayerNorm(spec.d_model), nn.LayerNorm(spec.d_model)
+        self.attn = CausalSelfAttention(spec)
+        self.fc = nn.Linear(spec.d_model, spec.d_ff)
+        self.fc_out = nn.Linear(spec.d_ff, spec.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        mlp = self.fc_out(F.gelu(self.fc(self.ln2(x))))
+        return x + _dropout(mlp, self.dropout, self.training)
+
+
+class APTModel(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.pos_emb = nn.Embedding(spec.max_seq_len, spec.d_model)
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
+        self.ln_f = nn.LayerNorm(spec.d_model)
+        self.apply(self._init_weights)
+        # GPT-2: each residual branch adds to the stream, so scale the layers that write
+        # into it by 1/sqrt(2 * layers) to keep the stream's variance flat with depth.
+        for block in self.blocks:
+            for layer in (block.attn.proj, block.fc_out):
+                nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * spec.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, vocab] logits (bf16 under autocast: cast for the loss)."""
+        T = input_ids.size(1)
+        if T > self.spec.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.spec.max_seq_len}")
+        pos = torch.arange(T, device=input_ids.device)
+        x = _dropout(self.tok_emb(input_ids) + self.pos_emb(pos), self.spec.dropout, self.training)
+        for block in self.blocks:
+            x = block(x)
+        # Tied head: the output projection is the token embedding itself.
+        return F.linear(self.ln_f(x), self.tok_emb.weight)
+
+
+def build_model(spec: ModelSpec, factory: str | None = None) -> nn.Module:
+    """APTModel(spec), or `factory(spec)` for a "package.module:function" string."""
+    if not factory:
+        return APTModel(spec)
+    module_name, _, func_name = factory.partition(":")
+    if not module_name or not func_name:
+        raise UserError(f"model.factory={factory!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # a user's module can fail to import in any way
+        raise UserError(f"model.factory={factory!r}: cannot import {module_name!r} "
+                        f"({type(err).__name__}: {err})") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UserError(f"model.factory={factory!r}: {module_name!r} has no function {func_name!r}")
+    model = func(spec)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.factory={factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), for MFU.
+
+    6 * N for the N matmul weights (2 forward, 4 backward per weight and token): per
+    layer qkv + proj (4 d^2) and the MLP (2 d d_ff), plus the tied head (d V); the
+    embedding lookups are not matmuls. Attention adds q.k and att.v, 2 * 2 d T forward
+    per layer and token, so 12 L d T with backward (full T, the usual convention, even
+    though causal kernels skip half). The autopoietic transform's elementwise work is
+    not counted: MFU measures matmul throughput.
+    """
+    d, L = spec.d_model, spec.num_layers
+    matmul_params = L * (4 * d * d + 2 * d * spec.d_ff) + d * spec.vocab_size
+    return 6.0 * matmul_params + 12.0 * L * d * seq_len

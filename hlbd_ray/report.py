@@ -1,0 +1,616 @@
+"""The sweep's live report: a driver-side Tune callback that folds every trial result into
+bounded curves (`hlbd_ray.curves`) and writes them under `<experiment_dir>/report/`:
+
+- `curves.parquet`  one row per (trial, epoch, bucket) of batch losses;
+- `epochs.parquet`  one row per (trial, epoch): epoch mean loss, validation, lr, tokens/s;
+- `trials.parquet`  one row per trial: config, status, error, last and best metrics;
+- `experiment_report.json` the whole sweep in one document, and
+  `trials/<trial_id>/experiment_report.json` per trial with the reference report's keys.
+
+Writes happen at most every `every_s` seconds (checked when a result arrives) and at
+every trial end and experiment end. Each file is replaced atomically, a failed write is
+logged with its path and retried at the next interval (its target stays pending), and
+an epoch that has not changed is serialised once and reused from a cache, so a write
+costs a join of cached text plus the open epochs, not a rebuild of the sweep.
+
+A restarted driver (Tuner.restore) gets its curves back from Tune's callback state
+(`get_state/set_state`) and from the parquet files, whichever holds more of a trial;
+replays of the resumed runs are then deduplicated by the curve store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from itertools import chain
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.tune import Callback
+
+from hlbd_ray.curves import (SUMMARY_INT_KEYS, SUMMARY_KEYS, CurveStore, EpochCurve,
+                             TrialCurves, as_int, finite)
+from hlbd_ray.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+REPORT_DIR = "report"
+CURVES_FILE, EPOCHS_FILE, TRIALS_FILE = "curves.parquet", "epochs.parquet", "trials.parquet"
+JSON_FILE = "experiment_report.json"
+
+_I, _F, _S = pa.int64(), pa.float64(), pa.string()
+CURVES_SCHEMA = pa.schema([
+    ("trial_id", _S), ("epoch", _I), ("bucket", _I), ("width", _I), ("epoch_batches", _I),
+    ("step_first", _I), ("step_last", _I), ("count", _I), ("nonfinite", _I),
+    ("mean", _F), ("min", _F), ("max", _F), ("last", _F),
+    # The exact running sum: a bucket resumed from this file continues bit for bit.
+    ("sum", _F),
+])
+EPOCHS_SCHEMA = pa.schema([("trial_id", _S), ("epoch", _I)]
+                          + [(k, _F) for k in SUMMARY_KEYS] + [(k, _I) for k in SUMMARY_INT_KEYS])
+# Per trial; the config's own keys follow as `config.<flattened key>` columns.
+LAST_FLOATS = ("loss", "ppl", "acc", "epoch_loss", "val_loss", "val_ppl", "val_acc",
+               "val_exact", "lr", "grad_norm", "tokens_per_s", "time_total_s")
+LAST_INTS = ("epoch", "epochs_done", "step", "batch", "skipped_steps", "val_step",
+             "training_iteration", "d_model", "num_heads", "head_dim")
+BEST = (("val_loss", min), ("val_ppl", min), ("val_acc", max), ("val_exact", max))
+TRIALS_SCHEMA = pa.schema(
+    [("trial_id", _S), ("status", _S), ("error", _S), ("stop_reason", _S),
+     ("num_heads", _I), ("d_model", _I), ("head_dim", _I), ("lr", _F),
+     ("epochs", _I), ("step", _I), ("batches", _I), ("iterations", _I),
+     ("time_total_s", _F), ("skipped_steps", _I)]
+    + [(f"last_{k}", _F) for k in LAST_FLOATS if k != "time_total_s"]
+    + [("best_epoch", _I)] + [(f"best_{k}", _F) for k, _ in BEST] + [("config_json", _S)])
+_PARQUET_OPTIONS = {"use_dictionary": ["trial_id"], "compression": "snappy"}
+_TARGETS = ("curves", "epochs", "trials", "sweep")
+
+
+@dataclass
+class TrialInfo:
+    """What the report knows about a trial besides its curves."""
+
+    trial_id: str
+    config: dict[str, Any] = field(default_factory=dict)   # flattened, JSON-safe
+    status: str = "PENDING"
+    error: str | None = None
+    last: dict[str, Any] = field(default_factory=dict)     # cleaned subset of the last result
+
+    def update(self, result: Mapping[str, Any]) -> None:
+        self.last.update({k: finite(result[k]) for k in LAST_FLOATS if k in result})
+        self.last.update({k: as_int(result[k], None) for k in LAST_INTS if k in result})
+        if "stop_reason" in result:
+            self.last["stop_reason"] = str(result["stop_reason"] or "")
+
+
+class ReportAggregator(Callback):
+    """Tune callback: every result's `batch_losses` into per-trial curves, then files."""
+
+    def __init__(self, experiment_dir: str | Path, points_per_epoch: int = 100,
+                 every_s: float = 10.0, dataset_stats: Mapping[str, Any] | None = None,
+                 *, resume: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        self.report_dir = Path(experiment_dir) / REPORT_DIR
+        self.every_s = float(every_s)
+        self.dataset_stats = jsonable(dict(dataset_stats or {}))
+        self.store = CurveStore(points_per_epoch)
+        self.trials: dict[str, TrialInfo] = {}
+        self.failed_writes = 0
+        self._clock = clock
+        self._pending: set[str] = set()
+        self._last_write = -float("inf")   # the first result is written at once
+        self._restored = False
+        # Serialised epochs by (trial_id, epoch) and per-trial summary text: a write
+        # re-serialises only what changed since the previous one.
+        self._cache: dict[tuple[str, int], _Part] = {}
+        self._summary_cache: dict[str, tuple[int, str, dict[str, Any]]] = {}
+        if resume:
+            self.load_files()
+
+    # ---- Tune callback hooks (all run on the driver's one thread) ----
+    def setup(self, **info: Any) -> None:
+        if self._restored:
+            # Tune's saved state and our files are written at different moments: take
+            # whichever holds more of each trial.
+            self.load_files()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record = self._info(trial)
+        # A (re)started trial: an error from an earlier attempt no longer describes it.
+        record.status, record.error = "RUNNING", None
+        self._pending.update(("trials", "sweep", f"trial:{trial.trial_id}"))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        self.add_result(trial, result)
+        if self._pending and self._clock() - self._last_write >= self.every_s:
+            self.flush()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Tune calls this before it marks the trial, so a RUNNING status means "finished".
+        status = str(getattr(trial, "status", "") or "")
+        self._set_status(trial, status if status in ("ERROR", "TERMINATED") else "TERMINATED")
+        self.flush()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._set_status(trial, "ERROR", error_message(trial))
+        self.flush()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial in trials or []:
+            # Final statuses only: a trial we already saw finish never goes back.
+            status = str(getattr(trial, "status", "") or "")
+            if status in ("TERMINATED", "ERROR") and self._info(trial).status != status:
+                self._set_status(trial, status, error_message(trial) if status == "ERROR" else None)
+        self.flush()
+
+    def get_state(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "store": self.store.state(),
+                "trials": {tid: asdict(info) for tid, info in self.trials.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._restored = True
+        if state.get("schema_version") != SCHEMA_VERSION:
+            # Another layout: fall back on the files alone (read in `setup`).
+            logger.error("report: ignoring saved callback state of schema %r (expected %d); "
+                         "rebuilding from %s", state.get("schema_version"), SCHEMA_VERSION,
+                         self.report_dir)
+            return
+        self.store = CurveStore.from_state(state["store"])
+        self.trials = {tid: TrialInfo(**d) for tid, d in state["trials"].items()}
+        self._cache.clear()
+        self._summary_cache.clear()
+        self._mark_all()
+
+    # ---- ingest ----
+    def add_result(self, trial: Any, result: Mapping[str, Any]) -> None:
+        info = self._info(trial)
+        info.status = "RUNNING"
+        info.update(result)
+        curves_changed, epochs_changed = self.store.ingest(info.trial_id, result)
+        self._pending.update(("trials", "sweep", f"trial:{info.trial_id}"))
+        if curves_changed:
+            self._pending.add("curves")
+        if epochs_changed:
+            self._pending.add("epochs")
+
+    def _info(self, trial: Any) -> TrialInfo:
+        info = self.trials.get(trial.trial_id)
+        if info is None:
+            info = self.trials[trial.trial_id] = TrialInfo(trial.trial_id)
+        if not info.config:
+            info.config = flatten_config(getattr(trial, "config", None) or {})
+        return info
+
+    def _set_status(self, trial: Any, status: str, error: str | None = None) -> None:
+        info = self._info(trial)
+        info.status = status
+        if error is not None:
+            info.error = error
+        self._pending.update(("trials", "sweep", f"trial:{info.trial_id}"))
+
+    def _mark_all(self) -> None:
+        self._pending.update(_TARGETS)
+        self._pending.update(f"trial:{tid}" for tid in self.trials)
+
+    # ---- writing ----
+    def flush(self) -> bool:
+        """Write every pending file now; False if any write failed (it stays pending)."""
+        self._last_write = self._clock()
+        if not self._pending:
+            return True
+        try:
+            jobs = self._jobs()
+        except Exception:  # a bug in serialising must not end the sweep; say so loudly
+            self.failed_writes += 1
+            logger.exception("report: could not prepare the report under %s (retrying in "
+                             "%.0f s)", self.report_dir, self.every_s)
+            return False
+        ok = True
+        for target, path, write in jobs:
+            if target not in self._pending:
+                continue
+            try:
+                write(path)
+            except Exception as exc:  # any failure: report it loudly, keep it pending
+                ok = False
+                self.failed_writes += 1
+                logger.error("report: could not write %s: %s: %s (retrying in %.0f s)",
+                             path, type(exc).__name__, exc, self.every_s,
+                             exc_info=not isinstance(exc, OSError))
+                continue
+            self._pending.discard(target)
+        return ok
+
+    def _jobs(self) -> list[tuple[str, Path, Callable[[Path], Any]]]:
+        """(target, path, writer) for every file, in write order; writers are lazy so a
+        target that is not pending costs nothing."""
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        parts = self._epoch_parts()
+        rows = {tid: self._trial_row(tid) for tid in sorted(self.trials)}
+        jobs: list[tuple[str, Path, Callable[[Path], Any]]] = [
+            ("curves", self.report_dir / CURVES_FILE, lambda p: _write_parquet(
+                p, _concat([part.table for tid in parts for part in parts[tid]]))),
+            ("epochs", self.report_dir / EPOCHS_FILE,
+             lambda p: _write_parquet(p, self.epochs_table())),
+            ("trials", self.report_dir / TRIALS_FILE,
+             lambda p: _write_parquet(p, self.trials_table(rows))),
+        ]
+        for tid in rows:
+            jobs.append((f"trial:{tid}", self.report_dir / "trials" / safe_name(tid) / JSON_FILE,
+                         lambda p, tid=tid: _write_pieces(
+                             p, self._trial_json(tid, rows[tid], parts.get(tid, []), stamp))))
+        jobs.append(("sweep", self.report_dir / JSON_FILE,
+                     lambda p: _write_pieces(p, self._sweep_json(rows, parts, stamp))))
+        return jobs
+
+    def _epoch_parts(self) -> dict[str, list["_Part"]]:
+        """Every trial's epochs serialised, in order; only changed epochs are rebuilt."""
+        parts: dict[str, list[_Part]] = {}
+        cache: dict[tuple[str, int], _Part] = {}
+        fresh: list[_Part] = []
+        for tid in sorted(self.store.trials):
+            mine = parts[tid] = []
+            for curve in self.store.trials[tid].sorted_epochs():
+                part = self._cache.get((tid, curve.epoch))
+                if part is None or part.rev != curve.rev:
+                    part = _Part(tid, curve)
+                    fresh.append(part)
+                elif part.cols is not None:
+                    # Unchanged since the last write, so likely closed: give it a table of
+                    # its own, which frees the shared one it was sliced from.
+                    part.table, part.cols = _curve_table([part.cols]), None
+                mine.append(part)
+                cache[(tid, curve.epoch)] = part
+        if fresh:
+            # One Arrow conversion for all changed epochs: per-call overhead dominates
+            # at ~100 rows an epoch.
+            table, offset = _curve_table([p.cols for p in fresh]), 0
+            for p in fresh:
+                p.table, offset = table.slice(offset, p.rows), offset + p.rows
+        self._cache = cache   # epochs dropped by a replay leave the cache here
+        return parts
+
+    def _summaries(self, tid: str) -> tuple[str, dict[str, Any]]:
+        """The trial's per-epoch summaries as JSON text and its best metrics, cached until
+        the summaries change (once an epoch)."""
+        curves = self.store.trials.get(tid)
+        if curves is None:
+            return "[]", {}
+        hit = self._summary_cache.get(tid)
+        if hit is None or hit[0] != curves.summary_rev:
+            text = _dumps([{"epoch": e, **s} for e, s in sorted(curves.summaries.items())])
+            hit = self._summary_cache[tid] = (curves.summary_rev, text,
+                                              best_metrics(curves.summaries))
+        return hit[1], hit[2]
+
+    def _trial_row(self, tid: str) -> dict[str, Any]:
+        return trial_row(self.trials[tid], self._summaries(tid)[1])
+
+    def epochs_table(self) -> pa.Table:
+        rows = [{"trial_id": tid, "epoch": e, **s}
+                for tid in sorted(self.store.trials)
+                for e, s in sorted(self.store.trials[tid].summaries.items())]
+        return pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA)
+
+    def trials_table(self, rows: Mapping[str, dict[str, Any]] | None = None) -> pa.Table:
+        if rows is None:
+            rows = {tid: self._trial_row(tid) for tid in sorted(self.trials)}
+        out = [dict(r) for r in rows.values()]
+        schema = TRIALS_SCHEMA
+        for key in sorted({k for tid in rows for k in self.trials[tid].config}):
+            values = [self.trials[tid].config.get(key) for tid in rows]
+            kind = _column_type(values)
+            schema = schema.append(pa.field(f"config.{key}", kind))
+            for row, value in zip(out, values):
+                row[f"config.{key}"] = value if kind != _S or value is None else str(value)
+        return pa.Table.from_pylist(out, schema=schema)
+
+    def _trial_json(self, tid: str, row: Mapping[str, Any], mine: list["_Part"],
+                    stamp: str) -> list[str]:
+        """The reference report's keys for one trial, plus bucket bounds and validation."""
+        info, curves = self.trials[tid], self.store.trials.get(tid)
+        summaries = curves.summaries if curves else {}
+        last = info.last
+        head = {
+            "schema_version": SCHEMA_VERSION, "trial_id": tid, "timestamp": stamp,
+            "status": info.status, "error": info.error, "config": info.config,
+            "current_epoch": last.get("epoch", 0),
+            "total_batches": last["batch"] if "batch" in last else
+            (curves.accepted() if curves else 0),
+            "dataset_stats": self.dataset_stats,
+            # Position = epoch; None where an epoch has no summary (yet).
+            "control_losses": [summaries.get(e, {}).get("epoch_loss")
+                               for e in range(max(summaries, default=-1) + 1)],
+            "best": {k[5:]: v for k, v in row.items() if k.startswith("best_")},
+            "last": last, "points_per_epoch": self.store.points,
+        }
+        raw: dict[str, list[str]] = {"epochs": [self._summaries(tid)[0]]}
+        for name, field in (("batch_losses", "mean"), ("batch_losses_min", "min"),
+                            ("batch_losses_max", "max"), ("batch_steps", "step_last"),
+                            ("batch_epochs", "epoch")):
+            raw[name] = _array([p.bodies[field] for p in mine if p.rows])
+        return _object_pieces(head, raw) + ["\n"]
+
+    def _sweep_json(self, rows: Mapping[str, dict[str, Any]], parts: Mapping[str, list],
+                    stamp: str) -> list[str]:
+        trials: list[list[str]] = []
+        for tid, row in rows.items():
+            head = {"trial_id": tid, "status": row["status"], "error": row["error"],
+                    "config": self.trials[tid].config,
+                    "summary": {k: v for k, v in row.items()
+                                if k not in ("trial_id", "status", "error", "config_json")}}
+            trials.append(_object_pieces(head, {
+                "epochs": [self._summaries(tid)[0]],
+                "curves": _array_of_pieces([p.json for p in parts.get(tid, [])])}))
+        head = {"schema_version": SCHEMA_VERSION, "timestamp": stamp,
+                "points_per_epoch": self.store.points, "dataset_stats": self.dataset_stats}
+        return _object_pieces(head, {"trials": _array_of_pieces(trials)}) + ["\n"]
+
+    # ---- restore from files ----
+    def load_files(self) -> int:
+        """Adopt each trial from the parquet files where they hold more of it than memory
+        does; returns how many trials were adopted. Unreadable files are logged, skipped."""
+        curves, epochs, trials = (_read_rows(self.report_dir / name)
+                                  for name in (CURVES_FILE, EPOCHS_FILE, TRIALS_FILE))
+        by_trial: dict[str, tuple[list, list]] = {}
+        for index, rows in enumerate((curves, epochs)):
+            for r in rows:
+                by_trial.setdefault(r["trial_id"], ([], []))[index].append(r)
+        adopted = 0
+        for tid, (bucket_rows, summary_rows) in sorted(by_trial.items()):
+            candidate = self.store.trial_from_rows(tid, bucket_rows, summary_rows)
+            current = self.store.trials.get(tid)
+            if current is None or _progress(candidate) > _progress(current):
+                self.store.adopt(candidate)
+                adopted += 1
+        for row in trials:
+            if row["trial_id"] not in self.trials:
+                self.trials[row["trial_id"]] = info_from_row(row)
+        for tid in self.store.trials:
+            self.trials.setdefault(tid, TrialInfo(tid))
+        self._cache.clear()
+        self._summary_cache.clear()
+        self._mark_all()
+        return adopted
+
+
+def _progress(trial: TrialCurves) -> tuple[int, int]:
+    return trial.accepted(), len(trial.summaries)
+
+
+# ---- rows and text ----
+def trial_row(info: TrialInfo, best: Mapping[str, Any]) -> dict[str, Any]:
+    last, config = info.last, info.config
+    d_model = last.get("d_model") or _config_int(config, "d_model")
+    heads = last.get("num_heads") or _config_int(config, "num_heads")
+    head_dim = last.get("head_dim") or (d_model // heads if d_model and heads else None)
+    row = {"trial_id": info.trial_id, "status": info.status, "error": info.error,
+           "stop_reason": last.get("stop_reason") or None, "num_heads": heads,
+           "d_model": d_model, "head_dim": head_dim, "lr": _config_lr(config),
+           "epochs": last.get("epochs_done"), "step": last.get("step"),
+           "batches": last.get("batch"), "iterations": last.get("training_iteration"),
+           "time_total_s": last.get("time_total_s"), "skipped_steps": last.get("skipped_steps")}
+    row.update({f"last_{k}": last.get(k) for k in LAST_FLOATS if k != "time_total_s"})
+    row["best_epoch"] = best.get("epoch")
+    row.update({f"best_{k}": best.get(k) for k, _ in BEST})
+    row["config_json"] = json.dumps(config, sort_keys=True, allow_nan=False)
+    return row
+
+
+def info_from_row(row: Mapping[str, Any]) -> TrialInfo:
+    """The inverse of `trial_row` as far as a restarted driver needs it."""
+    last = {k: row.get(f"last_{k}") for k in LAST_FLOATS if k != "time_total_s"}
+    last.update({"time_total_s": row.get("time_total_s"), "epochs_done": row.get("epochs"),
+                 "step": row.get("step"), "batch": row.get("batches"),
+                 "training_iteration": row.get("iterations"), "d_model": row.get("d_model"),
+                 "num_heads": row.get("num_heads"), "head_dim": row.get("head_dim"),
+                 "skipped_steps": row.get("skipped_steps"),
+                 "stop_reason": row.get("stop_reason") or ""})
+    return TrialInfo(row["trial_id"], json.loads(row.get("config_json") or "{}"),
+                     row.get("status") or "PENDING", row.get("error"),
+                     {k: v for k, v in last.items() if v is not None})
+
+
+def best_metrics(summaries: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Best validation values over closed epochs; `epoch` is the one with the best loss."""
+    best: dict[str, Any] = {}
+    for key, pick in BEST:
+        values = [(s.get(key), e) for e, s in summaries.items() if s.get(key) is not None]
+        if values:
+            value, epoch = pick(values)
+            best[key] = value
+            if key == "val_loss":
+                best["epoch"] = epoch
+    return best
+
+
+class _Part:
+    """One epoch of one trial, serialised: its rows as Arrow and as JSON text."""
+
+    __slots__ = ("rev", "rows", "cols", "table", "bodies", "json")
+    FIELDS = ("step_first", "step_last", "count", "nonfinite", "mean", "min", "max", "last")
+
+    def __init__(self, tid: str, curve: EpochCurve) -> None:
+        bs = curve.buckets
+        n = self.rows = len(bs)
+        mean = [b.mean for b in bs]
+        lo = [b.lo if b.count else None for b in bs]
+        hi = [b.hi if b.count else None for b in bs]
+        # Columns in CURVES_SCHEMA order.
+        self.cols: list | None = [
+            [tid] * n, [curve.epoch] * n, [b.index for b in bs], [curve.width] * n,
+            [curve.epoch_batches] * n, [b.step_first for b in bs], [b.step_last for b in bs],
+            [b.count for b in bs], [b.nonfinite for b in bs], mean, lo, hi,
+            [b.last for b in bs], [b.sum for b in bs]]
+        self.rev = curve.rev
+        self.table: pa.Table | None = None
+        self.bodies = {name: _dumps(col)[1:-1] for name, col in zip(self.FIELDS, self.cols[5:13])}
+        self.bodies["epoch"] = ",".join([str(curve.epoch)] * n)
+        # The sweep document's object for this epoch, as pieces that reference the field
+        # texts above instead of holding a second copy of them.
+        head = {"epoch": curve.epoch, "epoch_batches": curve.epoch_batches, "width": curve.width}
+        self.json = _object_pieces(head, {k: _array([self.bodies[k]] if n else [])
+                                          for k in self.FIELDS})
+
+
+def _curve_table(cols_list: list[list]) -> pa.Table:
+    arrays = [pa.array(list(chain.from_iterable(cols[i] for cols in cols_list)), type=f.type)
+              for i, f in enumerate(CURVES_SCHEMA)]
+    return pa.Table.from_arrays(arrays, schema=CURVES_SCHEMA)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables(tables).combine_chunks() if tables else CURVES_SCHEMA.empty_table()
+
+
+# allow_nan=False: a NaN reaching this point is a bug and must fail the write loudly.
+# One encoder for all calls: building one per call costs more than encoding a short list.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_dumps = _ENCODER.encode
+_key = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def _object_pieces(head: Mapping[str, Any], raw: Mapping[str, list[str]]) -> list[str]:
+    """A JSON object from plain values plus members given as JSON text pieces. Pieces
+    let the big members (cached epochs, MBs in all) be copied once, by the final join,
+    instead of once per nesting level."""
+    text = _dumps(dict(head))
+    pieces = [text[:-1]]
+    sep = "," if len(text) > 2 else ""
+    for key, value in raw.items():
+        pieces.append(f"{sep}{_key(key)}:")
+        pieces.extend(value)
+        sep = ","
+    pieces.append("}")
+    return pieces
+
+
+def _array(items: list[str]) -> list[str]:
+    """Pieces of a JSON array whose items (or comma-joined runs of items) are JSON text."""
+    if not items:
+        return ["[]"]
+    pieces = [","] * (2 * len(items) + 1)
+    pieces[0], pieces[-1] = "[", "]"
+    pieces[1::2] = items
+    return pieces
+
+
+def _array_of_pieces(items: list[list[str]]) -> list[str]:
+    pieces = ["["]
+    for i, item in enumerate(items):
+        if i:
+            pieces.append(",")
+        pieces.extend(item)
+    pieces.append("]")
+    return pieces
+
+
+def _write_pieces(path: Path, pieces: list[str]) -> None:
+    # One join and one write: `writelines` issues a system call per large piece, which
+    # measured four times slower than copying the pieces together first.
+    data = "".join(pieces).encode("utf-8")   # a text-mode write of MBs is slower still
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda f: pq.write_table(table, f, **_PARQUET_OPTIONS))
+
+
+def read_parquet(path: Path) -> pa.Table:
+    """Read a report table through one open handle. A path-based `pq.read_table` opens
+    the file more than once, so a concurrent atomic replace can hand it the footer of one
+    version and the pages of the next; a handle pins one version."""
+    with open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        return read_parquet(path).to_pylist()
+    except Exception as exc:  # a damaged file must not stop the sweep from resuming
+        logger.error("report: could not read %s: %s: %s", path, type(exc).__name__, exc)
+        return []
+
+
+def _column_type(values: Iterable[Any]) -> pa.DataType:
+    kinds = {type(v) for v in values if v is not None}
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds and kinds <= {int}:
+        return _I
+    if kinds and kinds <= {int, float}:
+        return _F
+    return _S
+
+
+# ---- config and errors ----
+def safe_name(name: str) -> str:
+    """A trial id usable as one path component (Tune's ids already are)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return cleaned if cleaned.strip(".") else "_"
+
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts become dotted keys; values become JSON-safe scalars or text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{name}."))
+        elif value is None or isinstance(value, (bool, int, str)):
+            flat[name] = value
+        elif isinstance(value, float):
+            flat[name] = finite(value)
+        else:
+            flat[name] = _dumps(jsonable(value))
+    return flat
+
+
+def jsonable(obj: Any) -> Any:
+    """A deep copy that json accepts: non-finite floats become None, unknowns text."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return finite(obj)
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
+
+
+def _config_int(config: Mapping[str, Any], name: str) -> int | None:
+    for key, value in config.items():
+        if (key == name or key.endswith(f".{name}")) and isinstance(value, int):
+            return value
+    return None
+
+
+def _config_lr(config: Mapping[str, Any]) -> float | None:
+    for key in ("lr", "train.lr"):
+        if isinstance(config.get(key), (int, float)) and not isinstance(config[key], bool):
+            return float(config[key])
+    return None
+
+
+def error_message(trial: Any) -> str:
+    """The last line of the trial's error file (the exception itself), else a marker."""
+    path = getattr(trial, "error_file", None)
+    if path:
+        try:
+            lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines()]
+        except OSError as exc:
+            return f"error file unreadable: {path}: {exc}"
+        lines = [ln for ln in lines if ln]
+        if lines:
+            return lines[-1][:2000]
+    return "trial errored (no error message recorded)"

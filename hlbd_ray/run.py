@@ -1,0 +1,141 @@
+"""One training run on Ray Train: the TorchTrainer, its run folder and metrics file.
+
+Used directly by `jobs/train.py` and, per trial, by the sweep. The data are prepared once
+by the caller and handed over as an object-store reference, so workers (and trials) share
+one tokenized copy instead of re-reading the files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hlbd_ray.cli import ensure_writable_dir
+from hlbd_ray.cluster import start_ray
+from hlbd_ray.config import Config, TrainConfig, to_dict, to_yaml
+from hlbd_ray.data import PreparedData, prepare_data
+from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
+from hlbd_ray.files import atomic_write_json, atomic_write_text
+
+
+def storage_uri(path: str) -> str:
+    """Local folders become absolute paths (Ray needs them); URIs (s3://, gs://...) pass."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def make_metrics_callback(path: Path):
+    """A Ray Train callback (runs in the controller) appending each report to metrics.jsonl."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class MetricsFile(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            record = dict(metrics[0])
+            record["checkpoint_path"] = checkpoint.path if checkpoint else None
+            # One write call per line: a reader sees whole lines (it may miss the newest).
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+
+    return MetricsFile()
+
+
+def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
+                  callbacks: list[Any] | None = None, worker_cpu: float | None = None):
+    """A TorchTrainer for one run; `data` is a PreparedData or its ObjectRef.
+
+    `worker_cpu` overrides what each worker asks for (a sweep trial's driver takes a
+    sliver of the trial's CPUs); threads still follow train.cpus_per_worker.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hlbd_ray.train import train_loop_per_worker
+
+    t = cfg.train
+    resources = {"CPU": worker_cpu if worker_cpu is not None else t.cpus_per_worker}
+    if t.gpus_per_worker > 0:
+        resources["GPU"] = t.gpus_per_worker
+    scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
+                            resources_per_worker=resources)
+    run_config = RunConfig(
+        name=name, storage_path=storage_uri(storage_path),
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+        callbacks=callbacks or [],
+        # Ray Train logs every report at INFO; our own metrics file and reports hold them.
+        logging_config=LoggingConfig(log_level="WARNING"))
+    return TorchTrainer(train_loop_per_worker, scaling_config=scaling, run_config=run_config,
+                        train_loop_config={"config": to_dict(cfg), "data": data})
+
+
+def write_run_files(run_dir: Path, cfg: Config, data: PreparedData) -> None:
+    """The resolved config, the vocabulary and the data statistics, next to the checkpoints."""
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    atomic_write_json(run_dir / "vocab.json", data.tokenizer)
+    atomic_write_json(run_dir / "dataset_stats.json", data.dataset_stats)
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError behind a training failure, if a worker raised one (e.g. a bad checkpoint)."""
+    failures = list(getattr(err, "worker_failures", {}).values())
+    for candidate in [err, *failures]:
+        seen = 0
+        while candidate is not None and seen < 10:
+            if isinstance(candidate, UserError):
+                return candidate
+            cause = getattr(candidate, "cause", None)
+            candidate = cause if isinstance(cause, BaseException) else candidate.__cause__
+            seen += 1
+    return None
+
+
+def run_training_job(cfg: Config) -> int:
+    """Prepare data (user errors surface here, before Ray), train, print a summary."""
+    run_dir = ensure_writable_dir(cfg.output_dir) / cfg.name
+    data = prepare_data(cfg.data, cfg.train.max_len)
+    import ray
+    from ray.train import TrainingFailedError
+
+    start_ray(cfg.cluster)
+    try:
+        check_fits(cfg.train, ray.cluster_resources())
+        write_run_files(run_dir, cfg, data)
+        trainer = build_trainer(cfg, ray.put(data), cfg.output_dir, cfg.name,
+                                [make_metrics_callback(run_dir / "metrics.jsonl")])
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as err:
+            cause = user_error_in(err)
+            if cause is not None:
+                raise cause from None
+            print(f"training failed: {str(err).splitlines()[0]}", file=sys.stderr)
+            return EXIT_FAILURE
+        print_summary(result.metrics or {}, result.checkpoint, run_dir)
+        return EXIT_OK
+    finally:
+        ray.shutdown()
+
+
+def check_fits(t: TrainConfig, resources: dict[str, float]) -> None:
+    """Refuse a run whose workers can never be placed (Ray would wait forever)."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if t.num_workers * t.cpus_per_worker > cpus or t.num_workers * t.gpus_per_worker > gpus:
+        raise UserError(
+            f"train.num_workers={t.num_workers} x (cpus_per_worker={t.cpus_per_worker}, "
+            f"gpus_per_worker={t.gpus_per_worker}) does not fit the cluster "
+            f"({cpus:g} CPUs, {gpus:g} GPUs)")
+
+
+def print_summary(metrics: dict[str, Any], checkpoint: Any, run_dir: Path) -> None:
+    keys = ["epochs_done", "step", "loss", "ppl", "acc", "val_loss", "val_ppl", "val_acc",
+            "val_exact", "skipped_steps", "tokens_per_s"]
+    print("\nrun summary")
+    for key in keys:
+        value = metrics.get(key)
+        shown = "n/a" if value is None else (f"{value:.4g}" if isinstance(value, float) else value)
+        print(f"  {key:<14} {shown}")
+    if metrics.get("stop_reason"):
+        print(f"  {'stopped':<14} {metrics['stop_reason']}")
+    print(f"  {'run folder':<14} {run_dir}")
+    print(f"  {'checkpoint':<14} {checkpoint.path if checkpoint else 'none'}")

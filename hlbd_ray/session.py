@@ -1,0 +1,89 @@
+"""Where the training loop runs: under Ray Train, or in-process (tests, benchmarks).
+
+The loop talks to one small interface (rank, device, the checkpoint to resume from,
+`report`), so the exact same code runs on a Ray Train worker and in a plain process; the
+benchmarks rely on that to measure Ray's overhead against a direct call.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class LocalSession:
+    """One in-process worker; checkpoints are copied to `run_dir/checkpoint_<n>`."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, run_dir: str | Path, resume_from: str | Path | None = None,
+                 device: str = "cpu", run_name: str = "local"):
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device)
+        self.run_name = run_name
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+
+    def restore(self, load: Callable[[Path], T]) -> T | None:
+        return load(self.resume_from) if self.resume_from else None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | Path | None = None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            target = self.run_dir / f"checkpoint_{len(self.checkpoints):06d}"
+            shutil.copytree(checkpoint_dir, target)
+            self.checkpoints.append(target)
+
+
+class RayTrainSession:
+    """A Ray Train worker: rank and device from the train context, reports via ray.train."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.run_name = context.get_experiment_name()
+        self.device = ray.train.torch.get_device()
+        self._train = ray.train
+
+    def restore(self, load: Callable[[Path], T]) -> T | None:
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load(Path(folder))
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        # Moves to the worker's device and wraps in DDP when there is more than one worker.
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | Path | None = None) -> None:
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
+        self._train.report(metrics, checkpoint=checkpoint)
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A private temporary folder for one checkpoint before it is handed to the session."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="hlbd-ckpt-") as folder:
+        yield Path(folder)

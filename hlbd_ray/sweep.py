@@ -1,0 +1,252 @@
+"""The sweep: Ray Tune over Ray Train, resumable, sized so trials can never deadlock.
+
+Each Tune trial runs a small driver function that decodes its architecture, then runs
+the training function on Ray Train (`TorchTrainer.fit`) with the Train run named after
+the trial id, so a restarted trial resumes its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from hlbd_ray.cli import ensure_writable_dir
+from hlbd_ray.cluster import require_state_api, start_ray
+from hlbd_ray.config import Config, check_heads, from_dict, to_dict, to_yaml
+from hlbd_ray.data import prepare_data
+from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
+from hlbd_ray.files import atomic_write_json, atomic_write_text
+from hlbd_ray.run import build_trainer, storage_uri, user_error_in
+from hlbd_ray.search import ARCH_KEY, LR_KEY, build_scheduler, build_searcher, check_space, decode_arch, param_space
+
+# The per-trial driver actor only waits on its Train run; it gets a sliver of a CPU so
+# that trials never hold the CPUs their own workers need (the few-CPU deadlock).
+DRIVER_CPU = 0.01
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    worker_cpu: float        # what each Train worker asks for
+    worker_gpu: float
+    max_concurrent: int
+
+
+def plan_resources(cfg: Config, cluster: dict[str, float]) -> TrialResources:
+    """A trial reserves num_workers x cpus_per_worker CPUs in all, its driver included.
+
+    The driver's sliver comes out of the workers' share, so a trial of one 1-CPU worker
+    takes exactly one CPU and two such trials fit on two CPUs.
+    """
+    t, s = cfg.train, cfg.sweep
+    worker_cpu = t.cpus_per_worker - DRIVER_CPU / t.num_workers
+    if worker_cpu <= 0:
+        raise UserError(f"train.cpus_per_worker={t.cpus_per_worker} is too small for a sweep "
+                        f"(each trial's driver needs {DRIVER_CPU} CPU of it)")
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    per_trial_cpu = t.num_workers * t.cpus_per_worker
+    per_trial_gpu = t.num_workers * t.gpus_per_worker
+    fits = [math.floor(cpus / per_trial_cpu + 1e-9)]
+    if per_trial_gpu > 0:
+        fits.append(math.floor(gpus / per_trial_gpu + 1e-9))
+    capacity = min(fits)
+    if capacity < 1:
+        raise UserError(
+            f"one trial needs {per_trial_cpu:g} CPUs and {per_trial_gpu:g} GPUs "
+            f"(train.num_workers x cpus_per_worker / gpus_per_worker) but the cluster has "
+            f"{cpus:g} CPUs and {gpus:g} GPUs")
+    wanted = s.max_concurrent_trials or capacity
+    if wanted > capacity:
+        print(f"note: sweep.max_concurrent_trials={wanted} lowered to {capacity}, "
+              f"what the cluster can run at once", file=sys.stderr)
+    return TrialResources(worker_cpu, t.gpus_per_worker, min(wanted, capacity))
+
+
+def trial_config(base: Config, params: dict[str, Any]) -> Config:
+    """The run config of one trial: the base config with its sampled architecture and lr."""
+    d_model, num_heads = decode_arch(params[ARCH_KEY])
+    check_heads(d_model, num_heads)
+    model = replace(base.model, d_model=d_model, num_heads=num_heads)
+    return replace(base, model=model, train=replace(base.train, lr=float(params[LR_KEY])))
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], train_storage: str,
+              worker_cpu: float) -> None:
+    """Tune function trainable: one trial = one Ray Train run, reported through Tune."""
+    from ray.train import TrainingFailedError
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(from_dict(base), params)
+    trial_id = tune.get_context().get_trial_id()
+    trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
+                            worker_cpu=worker_cpu)
+    try:
+        trainer.fit()
+    except TrainingFailedError as err:
+        cause = user_error_in(err)
+        # Re-raised with the first line only: Tune stores it as the trial's error.
+        raise RuntimeError(str(cause) if cause else str(err).strip().splitlines()[-1]) from None
+
+
+class SweepStatus(tune.Callback):
+    """One live line on the driver instead of Tune's full table every few seconds."""
+
+    def __init__(self, metric: str, mode: str, every_s: float = 10.0):
+        self.metric, self.mode, self.every_s = metric, mode, every_s
+        self.last_print = self.started = time.monotonic()
+
+    def setup(self, **info: Any) -> None:
+        # Also runs after a restore, where this object comes back from the tuner's pickle.
+        self.last_print = self.started = time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self.last_print >= self.every_s:
+            self.print_line(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.print_line(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.print_line(trials)
+
+    def print_line(self, trials: list) -> None:
+        self.last_print = time.monotonic()
+        print(status_line(trials, self.metric, self.mode, time.monotonic() - self.started), flush=True)
+
+
+def status_line(trials: list, metric: str, mode: str, elapsed: float) -> str:
+    counts = {"TERMINATED": 0, "RUNNING": 0, "PENDING": 0, "ERROR": 0, "PAUSED": 0}
+    best_value, best_trial = None, None
+    for trial in trials:
+        counts[trial.status] = counts.get(trial.status, 0) + 1
+        value = (trial.last_result or {}).get(metric)
+        if value is not None and (best_value is None or (value < best_value) == (mode == "min")):
+            best_value, best_trial = value, trial
+    best = "no result yet"
+    if best_trial is not None:
+        cfg = best_trial.config
+        best = f"best {metric} {best_value:.4f} ({best_trial.trial_id}: {cfg[ARCH_KEY]}, lr {cfg[LR_KEY]:.2e})"
+    minutes, seconds = divmod(int(elapsed), 60)
+    return (f"[sweep {minutes:02d}:{seconds:02d}] {counts['TERMINATED']} done, {counts['ERROR']} errored, "
+            f"{counts['RUNNING']} running, {counts['PENDING'] + counts['PAUSED']} pending | {best}")
+
+
+def build_tuner(cfg: Config, data_ref: Any, exp_dir: Path, resources: TrialResources,
+                callbacks: list[Any]):
+    """A new Tuner, or the restored one when this experiment folder already holds a sweep."""
+    trainable = tune.with_parameters(
+        run_trial, base=to_dict(cfg), data=[data_ref], train_storage=str(exp_dir / "train"),
+        worker_cpu=resources.worker_cpu)
+    trainable = tune.with_resources(trainable, {"cpu": DRIVER_CPU})
+    if tune.Tuner.can_restore(str(exp_dir)):
+        print(f"resuming the sweep in {exp_dir} (finished trials are kept)", flush=True)
+        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
+                                  resume_errored=True, param_space=param_space(cfg.sweep))
+    s = cfg.sweep
+    tune_config = tune.TuneConfig(
+        metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+        search_alg=build_searcher(s, resources.max_concurrent), scheduler=build_scheduler(s, cfg.train.epochs),
+        # The basic generator enforces the limit itself (see build_searcher).
+        max_concurrent_trials=resources.max_concurrent if s.search == "optuna" else None,
+        time_budget_s=s.time_budget_s or None,
+        trial_dirname_creator=lambda trial: trial.trial_id)
+    run_config = tune.RunConfig(
+        name=s.name, storage_path=str(exp_dir.parent), verbose=0, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=s.trial_max_failures))
+    return tune.Tuner(trainable, param_space=param_space(s), tune_config=tune_config,
+                      run_config=run_config)
+
+
+def run_sweep_job(cfg: Config) -> int:
+    """Validate everything that can be checked without Ray, then run (or resume) the sweep."""
+    check_space(cfg.sweep)
+    output_dir = ensure_writable_dir(cfg.output_dir)
+    cfg = replace(cfg, output_dir=storage_uri(str(output_dir)))
+    exp_dir = output_dir / cfg.sweep.name
+    data = prepare_data(cfg.data, cfg.train.max_len)
+    import ray
+
+    from hlbd_ray.report import ReportAggregator
+
+    start_ray(cfg.cluster)
+    try:
+        require_state_api()
+        resources = plan_resources(cfg, ray.cluster_resources())
+        print(f"sweep {cfg.sweep.name}: {cfg.sweep.num_samples} samples, {cfg.sweep.search} search, "
+              f"{cfg.sweep.scheduler} scheduler, up to {resources.max_concurrent} trials at once; "
+              f"folder {exp_dir}", flush=True)
+        callbacks = [ReportAggregator(exp_dir, cfg.report.points_per_epoch, cfg.report.every_s,
+                                      data.dataset_stats),
+                     SweepStatus(cfg.sweep.metric, cfg.sweep.mode)]
+        tuner = build_tuner(cfg, ray.put(data), exp_dir, resources, callbacks)
+        results = tuner.fit()
+        return finish(cfg, results, exp_dir)
+    finally:
+        ray.shutdown()
+
+
+def trial_rows(results: Any, metric: str, mode: str) -> list[dict[str, Any]]:
+    """One summary row per trial, from Tune's own results (independent of our reports)."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        last = result.metrics or {}
+        row: dict[str, Any] = {
+            "trial_id": last.get("trial_id") or Path(result.path).name,
+            "arch": result.config.get(ARCH_KEY), "lr": result.config.get(LR_KEY),
+            "status": "ERROR" if result.error else "DONE",
+            "epochs": last.get("epochs_done", 0), "time_s": last.get("time_total_s"),
+            "best_metric": None, "best_val_loss": None, "best_val_ppl": None, "best_val_acc": None,
+            "checkpoint": last.get("checkpoint_path"), "note": last.get("stop_reason") or "",
+        }
+        if result.error:
+            row["note"] = str(result.error).strip().splitlines()[-1][:200]
+        if history is not None and metric in history and history[metric].notna().any():
+            column = history[metric]
+            best = history.loc[column.idxmin() if mode == "min" else column.idxmax()]
+            row.update(best_metric=best[metric], best_val_loss=best.get("val_loss"), best_val_ppl=best.get("val_ppl"),
+                       best_val_acc=best.get("val_acc"))
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = f"{'trial':<12} {'arch':<8} {'lr':>9} {'status':<6} {'epochs':>6} {'val_loss':>9} " \
+             f"{'val_ppl':>9} {'val_acc':>8} {'time_s':>7}  note"
+    print("\n" + header)
+    for r in rows:
+        def num(key: str, spec: str) -> str:
+            value = r.get(key)
+            return "-" if value is None or value != value else format(value, spec)
+        print(f"{r['trial_id']:<12} {r['arch'] or '-':<8} {num('lr', '.2e'):>9} {r['status']:<6} "
+              f"{r['epochs']:>6} {num('best_val_loss', '.4f'):>9} {num('best_val_ppl', '.3f'):>9} "
+              f"{num('best_val_acc', '.4f'):>8} {num('time_s', '.0f'):>7}  {r['note']}")
+
+
+def finish(cfg: Config, results: Any, exp_dir: Path) -> int:
+    """Print the trials table, save the best config; exit 1 only if every trial failed."""
+    s = cfg.sweep
+    rows = trial_rows(results, s.metric, s.mode)
+    print_table(rows)
+    scored = [r for r in rows if r["best_metric"] is not None]
+    if scored:
+        pick = min if s.mode == "min" else max
+        best = pick(scored, key=lambda r: r["best_metric"])
+        best_cfg = trial_config(cfg, {ARCH_KEY: best["arch"], LR_KEY: best["lr"]})
+        atomic_write_text(exp_dir / "best_config.yaml", to_yaml(best_cfg))
+        atomic_write_json(exp_dir / "best.json", {k: best[k] for k in (
+            "trial_id", "arch", "lr", "best_metric", "best_val_loss", "best_val_ppl", "best_val_acc",
+            "epochs", "checkpoint")})
+        print(f"\nbest trial {best['trial_id']}: {best['arch']} lr {best['lr']:.3e} "
+              f"{s.metric} {best['best_metric']:.4f}\n  config     {exp_dir / 'best_config.yaml'}\n"
+              f"  checkpoint {best['checkpoint']}")
+    errored = [r for r in rows if r["status"] == "ERROR"]
+    if rows and len(errored) == len(rows):
+        print(f"\nevery trial failed ({len(rows)}); first error: {errored[0]['note']}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK

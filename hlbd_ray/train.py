@@ -1,0 +1,389 @@
+"""The APT training function: what every Ray Train worker runs.
+
+One run = build (model, optimizer, schedule), maybe resume, then per epoch: train in
+accumulation groups, report every `report_every` optimizer steps, validate, checkpoint.
+The loop reads top to bottom in `TrainRun.fit`; each side concern is one method.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from hlbd_ray.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
+from hlbd_ray.config import Config, TrainConfig, from_dict, to_dict
+from hlbd_ray.data import EncodedSplit, PreparedData, iter_batches, num_batches
+from hlbd_ray.metrics import (IGNORE_INDEX, TokenCounts, Window, all_reduce_sums, count_tokens,
+                              exact_sequences, finite_or_none, perplexity, token_loss_sum)
+from hlbd_ray.model import ModelSpec, build_model
+from hlbd_ray.progress import EpochBar
+from hlbd_ray.session import LocalSession, RayTrainSession, scratch_dir
+from hlbd_ray.tokenizer import CharTokenizer
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: `{"config": to_dict(cfg), "data": PreparedData or its ObjectRef}`."""
+    import ray
+
+    data = loop_config["data"]
+    if isinstance(data, ray.ObjectRef):
+        # Zero-copy from the object store: every trial shares one tokenized copy.
+        data = ray.get(data)
+    TrainRun(from_dict(loop_config["config"]), data, RayTrainSession()).fit()
+
+
+def train_locally(cfg: Config, data: PreparedData, run_dir: str | Path,
+                  resume_from: str | Path | None = None) -> LocalSession:
+    """The same loop in this process (tests and benchmarks); returns the session's record."""
+    session = LocalSession(run_dir, resume_from=resume_from, run_name=cfg.name)
+    TrainRun(cfg, data, session).fit()
+    return session
+
+
+# --- schedule, precision, optimizer -----------------------------------------------------
+
+
+def lr_multiplier(step: int, t: TrainConfig) -> float:
+    """Linear warmup, then cosine annealing with warm restarts (T_0, T_mult, eta_min)."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    pos, period = step - t.warmup_steps, t.restart_steps
+    while pos >= period:
+        pos, period = pos - period, period * t.restart_mult
+    floor = t.min_lr / t.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * pos / period))
+
+
+def cpu_has_amx() -> bool:
+    """bf16 autocast pays off on CPUs with AMX tiles (~6x fp32 matmul); elsewhere it does not."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_amx() else "fp32"
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; norms, biases and embeddings are not decayed (decay would shrink them to no end)."""
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+                        for p in m.parameters()}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        plain = param.ndim < 2 or id(param) in embedding_params
+        (no_decay if plain else decay).append(param)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95))
+
+
+# --- the run's progress: everything a checkpoint must carry besides tensors -------------
+
+
+@dataclass
+class Progress:
+    epoch: int = 0              # next epoch to train (0-based)
+    step: int = 0               # optimizer steps done
+    batch: int = 0              # micro-batches done (global index of the next one)
+    skipped_steps: int = 0      # steps skipped for non-finite gradients
+    consecutive_skips: int = 0
+    val: dict[str, Any] = field(default_factory=lambda: {
+        "val_loss": None, "val_ppl": None, "val_acc": None, "val_exact": None, "val_step": -1})
+    history: list[dict[str, Any]] = field(default_factory=list)  # one summary per epoch
+    stop_reason: str = ""
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+
+class FaultInjector:
+    """Test-only faults at chosen optimizer steps; `once` fires each a single time per run."""
+
+    def __init__(self, cfg: Config, run_name: str):
+        self.fault = cfg.fault
+        steps = (self.fault.raise_at_step, self.fault.kill_at_step, self.fault.nan_from_step)
+        targeted = self.fault.only_num_heads in (0, cfg.model.num_heads)
+        self.active = targeted and any(s >= 0 for s in steps)
+        self.marker_dir = Path(cfg.output_dir).resolve() / ".faults" / run_name
+
+    def _fire_once(self, kind: str) -> bool:
+        if not self.fault.once:
+            return True
+        marker = self.marker_dir / kind
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return True
+
+    def before_step(self, step: int, rank: int) -> None:
+        if not self.active or rank != 0:
+            return
+        if step == self.fault.raise_at_step and self._fire_once("raise"):
+            raise RuntimeError(f"injected fault: exception at step {step}")
+        if step == self.fault.kill_at_step and self._fire_once("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def poison(self, step: int) -> bool:
+        return self.active and 0 <= self.fault.nan_from_step <= step
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+class TrainRun:
+    def __init__(self, cfg: Config, data: PreparedData, session: Any):
+        self.cfg, self.t, self.data, self.session = cfg, cfg.train, data, session
+        self.rank, self.world = session.rank, session.world_size
+        self.device = session.device
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(self.t.cpus_per_worker)))
+        self._seed(self.t.seed + self.rank)
+        self.precision = resolve_precision(self.t.precision, self.device)
+        self.tokenizer = CharTokenizer.from_dict(data.tokenizer)
+        self.spec = ModelSpec.from_config(cfg.model, len(self.tokenizer), self.t.max_len)
+        self.model = build_model(self.spec, cfg.model.factory).to(self.device)
+        self.optimizer = build_optimizer(self.model, self.t)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_multiplier, t=self.t))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.progress = Progress()
+        self.session.restore(self._load)
+        self.ddp_model = session.prepare_model(self.model)
+        self.epoch_batches = num_batches(data.train, self.t.batch_size, self.world)
+        self.faults = FaultInjector(cfg, session.run_name)
+        self.window, self.window_start = Window(), time.perf_counter()
+        self.epoch_counts = TokenCounts()
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def fit(self) -> Progress:
+        """Train the remaining epochs; returns the final progress (also in the last report)."""
+        p = self.progress
+        while p.epoch < self.t.epochs and not self._finished():
+            self.train_epoch()
+            self.end_epoch()
+        return p
+
+    def _finished(self) -> bool:
+        p = self.progress
+        return bool(p.stop_reason) or (self.t.max_steps > 0 and p.step >= self.t.max_steps)
+
+    def train_epoch(self) -> None:
+        self.model.train()
+        self.epoch_counts = TokenCounts()
+        batches = iter_batches(self.data.train, self.t.batch_size, seed=self.t.seed,
+                               epoch=self.progress.epoch, shuffle=True, rank=self.rank,
+                               world_size=self.world, loss_on=self.t.loss_on)
+        bar = EpochBar(self.rank == 0 and self.t.progress_bar, self.progress.epoch,
+                       self.t.epochs, self.epoch_batches)
+        with bar:
+            for group in self._groups(batches):
+                self.faults.before_step(self.progress.step, self.rank)
+                self.accumulate(group)
+                self.optimizer_step()
+                bar.update(len(group), self.window, self.scheduler.get_last_lr()[0])
+                if self._finished():
+                    break
+                # The epoch's last step is reported by end_epoch, with validation.
+                if self.progress.step % self.t.report_every == 0 and not self._epoch_done():
+                    self.report(epoch_end=False)
+
+    def _epoch_done(self) -> bool:
+        return self.progress.batch >= (self.progress.epoch + 1) * self.epoch_batches
+
+    def _groups(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[list[Batch]]:
+        """Accumulation groups of grad_accum micro-batches; the last, shorter group is kept."""
+        group: list[Batch] = []
+        for inputs, labels in batches:
+            group.append(Batch(inputs.to(self.device), labels.to(self.device)))
+            if len(group) == self.t.grad_accum:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def accumulate(self, group: list[Batch]) -> None:
+        """Forward/backward each micro-batch; gradients = token mean over the whole group.
+
+        Each micro-batch's summed loss is divided by the group's token count over all
+        workers (times the world size, which DDP's gradient averaging divides out), so the
+        accumulated gradient equals that of one big batch. The *recorded* loss is the
+        micro-batch's own token mean, before any division.
+        """
+        local_tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in group)
+        group_tokens = max(all_reduce_sums([local_tokens])[0], 1)
+        poison = self.faults.poison(self.progress.step)
+        for i, b in enumerate(group):
+            last = i == len(group) - 1
+            sync = nullcontext() if last or self.world == 1 else self.ddp_model.no_sync()
+            with sync:
+                self._sync()
+                start = time.perf_counter()
+                with self._autocast():
+                    logits = self.ddp_model(b.inputs)
+                loss_sum = token_loss_sum(logits, b.labels)
+                if poison:
+                    loss_sum = loss_sum * float("nan")
+                self._sync()
+                mid = time.perf_counter()
+                self.scaler.scale(loss_sum * (self.world / group_tokens)).backward()
+                self._sync()
+                end = time.perf_counter()
+            counts = count_tokens(logits.detach(), b.labels, loss_sum)
+            real_tokens = int((b.inputs != self.tokenizer.pad_id).sum())
+            self.window.add_batch(counts, real_tokens, (mid - start) * 1e3, (end - mid) * 1e3)
+            self.epoch_counts.add(counts)
+        self.progress.batch += len(group)
+
+    def optimizer_step(self) -> None:
+        """Clip and step; a non-finite gradient skips the update and is counted, never hidden."""
+        p = self.progress
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                              self.t.grad_clip if self.t.grad_clip > 0 else float("inf"))
+        norm = float(norm)
+        if math.isfinite(norm):
+            self.scaler.step(self.optimizer)
+            p.consecutive_skips = 0
+            self.window.grad_norms.append(norm)
+        else:
+            p.skipped_steps += 1
+            p.consecutive_skips += 1
+            if p.consecutive_skips >= self.t.max_consecutive_skips:
+                p.stop_reason = f"non-finite gradients for {p.consecutive_skips} consecutive steps"
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        p.step += 1
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Validation with dropout off, token-weighted, summed over workers' disjoint shares."""
+        self.model.eval()
+        split: EncodedSplit = self.data.val
+        counts, exact, answered = TokenCounts(), 0, 0
+        size = self.t.batch_size * 2
+        batches = iter_batches(split, size, seed=self.t.seed, epoch=0, shuffle=False,
+                               loss_on=self.t.loss_on)
+        for i, (inputs, labels) in enumerate(batches):
+            if i % self.world != self.rank:
+                continue
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits = self.model(inputs)
+            counts.add(count_tokens(logits, labels, token_loss_sum(logits, labels)))
+            starts = torch.tensor(split.answer_starts[i * size:i * size + len(inputs)])
+            hit, n = exact_sequences(logits, answer_labels(labels, starts.to(self.device)))
+            exact, answered = exact + hit, answered + n
+        loss_sum, correct, tokens, exact, answered = all_reduce_sums(
+            [counts.loss_sum, counts.correct, counts.tokens, exact, answered])
+        total = TokenCounts(loss_sum, int(correct), int(tokens))
+        self.model.train()
+        return {"val_loss": total.loss, "val_ppl": perplexity(total.loss), "val_acc": total.acc,
+                "val_exact": exact / answered if answered else None, "val_step": self.progress.step}
+
+    def end_epoch(self) -> None:
+        """Validate, record the epoch, checkpoint and report (the report carries the checkpoint)."""
+        p = self.progress
+        p.val = self.evaluate()
+        epoch_loss = all_reduce_sums([self.epoch_counts.loss_sum, self.epoch_counts.tokens])
+        p.history.append({"epoch": p.epoch, "epoch_loss": finite_or_none(
+            epoch_loss[0] / epoch_loss[1]) if epoch_loss[1] else None, "step": p.step, **p.val})
+        p.epoch += 1
+        with scratch_dir() as folder:
+            save_checkpoint(folder, self._state() if self.rank == 0 else None, self.rank)
+            self.report(epoch_end=True, checkpoint_dir=folder)
+
+    def report(self, epoch_end: bool, checkpoint_dir: Path | None = None) -> None:
+        """Send the window's metrics (same keys every time, plain Python values)."""
+        w, p = self.window.reduced(), self.progress
+        epoch_sum, epoch_tokens = all_reduce_sums([self.epoch_counts.loss_sum, self.epoch_counts.tokens])
+        elapsed = time.perf_counter() - self.window_start
+        n = max(w.batches, 1)
+        last_epoch = p.history[-1] if p.history else {}
+        metrics = {
+            "epoch": p.epoch - 1 if epoch_end else p.epoch,
+            "epochs_done": p.epoch, "step": p.step, "batch": p.batch,
+            "batch_start": p.batch - w.batches, "batch_losses": w.batch_losses(),
+            "epoch_batches": self.epoch_batches, "epoch_end": epoch_end,
+            "epoch_loss": last_epoch.get("epoch_loss") if epoch_end else
+            (finite_or_none(epoch_sum / epoch_tokens) if epoch_tokens else None),
+            "loss": w.counts.loss, "ppl": perplexity(w.counts.loss), "acc": w.counts.acc,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "grad_norm": finite_or_none(sum(w.grad_norms) / len(w.grad_norms)) if w.grad_norms else None,
+            "fw_ms": w.fw_ms / n, "bw_ms": w.bw_ms / n,
+            "tokens_per_s": w.input_tokens / elapsed if elapsed > 0 else 0.0,
+            "skipped_steps": p.skipped_steps, **p.val,
+            "d_model": self.spec.d_model, "num_heads": self.spec.num_heads,
+            "head_dim": self.spec.d_model // self.spec.num_heads,
+            "precision": self.precision, "stop_reason": p.stop_reason,
+        }
+        self.session.report(metrics, checkpoint_dir)
+        self.window, self.window_start = Window(), time.perf_counter()
+
+    # --- checkpoint state ---------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "progress": asdict(self.progress), "tokenizer": self.data.tokenizer, "config": to_dict(self.cfg)}
+
+    def _load(self, folder: Path) -> None:
+        state, rng = load_checkpoint(folder, self.rank)
+        if state["tokenizer"] != self.data.tokenizer:
+            raise CheckpointError(f"checkpoint {folder} was trained with a different vocabulary")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {folder} does not fit this model: "
+                                  f"{str(err).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        if rng is not None:
+            restore_rng(rng)
+
+
+def answer_labels(labels: torch.Tensor, answer_starts: torch.Tensor) -> torch.Tensor:
+    """Labels of answer tokens (and [EOS]) only: label j predicts token j+1 of the sequence."""
+    positions = torch.arange(labels.shape[1], device=labels.device)
+    prompt = positions[None, :] < (answer_starts[:, None] - 1)
+    return labels.masked_fill(prompt, IGNORE_INDEX)

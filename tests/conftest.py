@@ -1,0 +1,44 @@
+"""Shared fixtures: micro configs, small prepared data, and the real HLBD files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hlbd_ray.config import Config, load_config
+from hlbd_ray.data import PreparedData, prepare_data
+
+REPO = Path(__file__).resolve().parents[1]
+# The real HLBD files live in ../shared beside the checkout (as in CI); tests that use
+# them fail loudly when they are missing instead of skipping into green.
+HLBD_DIR = REPO.parent / "shared" / "data" / "hlbd"
+
+# Settings every Ray process of the test session inherits (see RAY_NOTES: reports block
+# 2 s by default; usage stats would try the network).
+RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+os.environ.update(RAY_TEST_ENV)
+
+MICRO = ["model.d_model=32", "model.num_heads=4", "model.num_layers=2", "model.d_ff=64",
+         "model.dropout=0.1", "data.generated_per_module=24", "train.max_len=96",
+         "train.batch_size=8", "train.grad_accum=2", "train.report_every=2",
+         "train.warmup_steps=2", "train.restart_steps=20", "train.precision=fp32",
+         "train.progress_bar=false"]
+
+
+def micro_config(*overrides: str, output_dir: str | Path = "runs") -> Config:
+    return load_config(None, [*MICRO, f"output_dir={output_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def micro_data() -> PreparedData:
+    cfg = micro_config()
+    return prepare_data(cfg.data, cfg.train.max_len)
+
+
+@pytest.fixture(scope="session")
+def hlbd_dir() -> Path:
+    assert HLBD_DIR.is_dir(), f"the real HLBD files are expected in {HLBD_DIR}"
+    return HLBD_DIR

@@ -1,0 +1,83 @@
+"""Metrics: perplexity clamp, masked accuracy, exact match, windows from summed counts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hlbd_ray.metrics import (IGNORE_INDEX, PPL_LOSS_CAP, TokenCounts, Window, count_tokens,
+                              exact_sequences, finite_or_none, perplexity, token_loss_sum)
+from hlbd_ray.model import APTModel, ModelSpec
+
+
+def test_perplexity_is_exp_of_loss_clamped_at_20():
+    assert perplexity(1.0) == math.exp(1.0)
+    assert perplexity(25.0) == math.exp(PPL_LOSS_CAP) == perplexity(1e6)
+    assert perplexity(float("nan")) is None and perplexity(float("inf")) is None
+    assert perplexity(None) is None
+
+
+def test_non_finite_values_become_missing():
+    assert finite_or_none(float("nan")) is None and finite_or_none(-float("inf")) is None
+    assert finite_or_none(2) == 2.0
+
+
+def test_masked_accuracy_against_a_hand_computed_case():
+    # Vocabulary of 3; argmax per position: 2, 0, 1, 1.
+    logits = torch.tensor([[[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0]]])
+    labels = torch.tensor([[2, 1, IGNORE_INDEX, 1]])
+    counts = count_tokens(logits, labels, token_loss_sum(logits, labels))
+    # Counted: positions 0 (right), 1 (wrong), 3 (right); position 2 is padding.
+    assert (counts.correct, counts.tokens) == (2, 3)
+    assert counts.acc == 2 / 3
+    expected = sum(-torch.log_softmax(logits[0, i], -1)[labels[0, i]] for i in (0, 1, 3)).item()
+    assert math.isclose(counts.loss_sum, expected, rel_tol=1e-6)
+    assert math.isclose(counts.loss, expected / 3, rel_tol=1e-6)
+
+
+def test_counts_combine_token_weighted_not_as_mean_of_means():
+    total = TokenCounts()
+    total.add(TokenCounts(loss_sum=10.0, correct=1, tokens=10))   # mean 1.0
+    total.add(TokenCounts(loss_sum=3.0, correct=1, tokens=1))     # mean 3.0
+    assert math.isclose(total.loss, 13 / 11) and total.loss != 2.0
+
+
+def test_window_keeps_true_per_batch_losses():
+    w = Window()
+    w.add_batch(TokenCounts(8.0, 2, 4), input_tokens=6, fw_ms=1.0, bw_ms=2.0)
+    w.add_batch(TokenCounts(float("nan"), 0, 2), input_tokens=3, fw_ms=1.0, bw_ms=2.0)
+    assert w.batch_losses() == [2.0, None]
+    reduced = w.reduced()  # no process group: identity
+    assert reduced.batch_losses() == [2.0, None] and reduced.input_tokens == 9
+
+
+def greedy_decode(model: APTModel, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(steps):
+        logits = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_exact_match_by_teacher_forcing_equals_greedy_decoding():
+    torch.manual_seed(0)
+    model = APTModel(ModelSpec(vocab_size=7, d_model=16, num_heads=2, num_layers=1, d_ff=32,
+                               dropout=0.0, max_seq_len=32)).eval()
+    prompt = [1, 3, 4]
+    with torch.no_grad():
+        greedy = greedy_decode(model, prompt, steps=4)
+        # A sequence whose answer IS the greedy continuation counts as exact...
+        seq = torch.tensor([prompt + greedy])
+        labels = seq[:, 1:].clone()
+        labels[:, : len(prompt) - 1] = IGNORE_INDEX
+        logits = model(seq[:, :-1])
+        assert exact_sequences(logits, labels) == (1, 1)
+        # ...and changing any one answer token makes it inexact.
+        for k in range(len(greedy)):
+            other = list(greedy)
+            other[k] = (other[k] + 1) % 7
+            seq = torch.tensor([prompt + other])
+            labels = seq[:, 1:].clone()
+            labels[:, : len(prompt) - 1] = IGNORE_INDEX
+            assert exact_sequences(model(seq[:, :-1]), labels) == (0, 1)

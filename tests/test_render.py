@@ -1,0 +1,118 @@
+"""Rendering: PNGs and a static index.html from the report files, and the job's exits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hlbd_ray.errors import UserError
+from hlbd_ray.render import find_report_dir, render_report, sort_trials
+from hlbd_ray.report import ReportAggregator
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class FakeTrial:
+    trial_id: str
+    config: dict[str, Any] = field(default_factory=dict)
+    status: str = "RUNNING"
+    error_file: str | None = None
+
+
+def make_sweep(root: Path) -> ReportAggregator:
+    """Three trials: two with curves and validation, one errored before any batch."""
+    agg = ReportAggregator(root, points_per_epoch=10, every_s=1e9,
+                           dataset_stats={"train_pairs": 90})
+    good = [FakeTrial("trial_good", {"lr": 1e-3, "model": {"num_heads": 4}}),
+            FakeTrial("trial_worse", {"lr": 3e-2, "model": {"num_heads": 8}})]
+    for k, trial in enumerate(good):
+        for epoch in range(2):
+            for start in range(epoch * 40, (epoch + 1) * 40, 20):
+                end = (start + 20) % 40 == 0
+                losses = [3.0 - epoch + k + 0.01 * i for i in range(20)]
+                losses[5] = None
+                agg.on_trial_result(0, good, trial, {
+                    "epoch": epoch, "batch_start": start, "batch": start + 20,
+                    "batch_losses": losses, "epoch_batches": 40, "epoch_end": end,
+                    "epoch_loss": 3.0 - epoch + k, "val_loss": (2.5 - epoch + k) if end else None,
+                    "lr": 1e-3 / (epoch + 1), "epochs_done": epoch + int(end),
+                    "d_model": 32, "num_heads": 4 + 4 * k, "head_dim": 8 // (k + 1)})
+        agg.on_trial_complete(0, good, trial)
+    err = root / "error.txt"
+    err.write_text("Failure # 1\nRuntimeError: worker <died> & gone\n")
+    broken = FakeTrial("trial_broken", {"lr": 1.0}, status="ERROR", error_file=str(err))
+    agg.on_trial_error(0, good + [broken], broken)
+    return agg
+
+
+def test_render_writes_pngs_and_an_index_naming_every_trial(tmp_path: Path) -> None:
+    make_sweep(tmp_path)
+    index = render_report(tmp_path)
+    assert index == tmp_path / "report" / "index.html"
+    plots = tmp_path / "report" / "plots"
+    names = {p.name for p in plots.glob("*.png")}
+    assert {"loss_all.png", "val_loss.png", "lr.png", "loss_trial_good.png",
+            "loss_trial_worse.png"} <= names
+    for p in plots.glob("*.png"):
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 1000
+    html = index.read_text()
+    for tid in ("trial_good", "trial_worse", "trial_broken"):
+        assert tid in html
+    # Best validation loss first; the errored trial (no val loss) last, its error escaped.
+    assert html.index("trial_good") < html.index("trial_worse") < html.index("trial_broken")
+    assert "RuntimeError: worker &lt;died&gt; &amp; gone" in html
+    assert 'src="plots/loss_trial_good.png"' in html and "num_heads" in html
+    assert "No batch losses yet" in html
+
+
+def test_render_accepts_the_report_folder_itself(tmp_path: Path) -> None:
+    make_sweep(tmp_path)
+    assert find_report_dir(tmp_path / "report") == tmp_path / "report"
+    assert render_report(tmp_path / "report").is_file()
+
+
+def test_render_while_the_sweep_keeps_writing(tmp_path: Path) -> None:
+    agg = make_sweep(tmp_path)
+    render_report(tmp_path)
+    late = FakeTrial("trial_late", {"lr": 5e-4})
+    agg.on_trial_result(0, [late], late, {"epoch": 0, "batch_start": 0, "batch": 3,
+                                          "batch_losses": [1.0, 2.0, 3.0], "epoch_batches": 0})
+    assert agg.flush()
+    assert "trial_late" in render_report(tmp_path).read_text()
+
+
+def test_missing_report_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no report in"):
+        render_report(tmp_path)
+
+
+def test_sort_trials_puts_missing_val_loss_last() -> None:
+    rows = [{"trial_id": "c", "best_val_loss": None}, {"trial_id": "b", "best_val_loss": 2.0},
+            {"trial_id": "a", "best_val_loss": 1.0}]
+    assert [r["trial_id"] for r in sort_trials(rows)] == ["a", "b", "c"]
+
+
+def run_job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "report.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_job_exits_2_with_one_line_without_a_report(tmp_path: Path) -> None:
+    proc = run_job(str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no report in" in proc.stderr
+
+
+def test_job_renders_a_sweep(tmp_path: Path) -> None:
+    make_sweep(tmp_path)
+    proc = run_job(str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "index.html" in proc.stdout
+    assert (tmp_path / "report" / "index.html").is_file()

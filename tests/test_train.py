@@ -1,0 +1,137 @@
+"""The training function in-process: true loss, accumulation, resume, skips, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hlbd_ray.data import IGNORE_INDEX, iter_batches
+from hlbd_ray.metrics import token_loss_sum
+from hlbd_ray.session import LocalSession
+from hlbd_ray.train import Batch, TrainRun, build_optimizer, lr_multiplier, train_locally
+
+from .conftest import micro_config
+
+
+def new_run(tmp_path, data, *overrides):
+    cfg = micro_config("model.dropout=0.0", *overrides, output_dir=tmp_path)
+    return TrainRun(cfg, data, LocalSession(tmp_path / "run"))
+
+
+def first_batches(run: TrainRun, n: int) -> list[Batch]:
+    batches = iter_batches(run.data.train, run.t.batch_size, seed=0, epoch=0, shuffle=True)
+    return [Batch(x, y) for (x, y), _ in zip(batches, range(n))]
+
+
+def test_recorded_loss_is_the_true_loss_and_the_gradient_that_of_the_whole_group(tmp_path, micro_data):
+    run = new_run(tmp_path, micro_data, "train.grad_accum=2")
+    group = first_batches(run, 2)
+    with torch.no_grad():
+        sums = [token_loss_sum(run.model(b.inputs), b.labels).item() for b in group]
+    tokens = [int((b.labels != IGNORE_INDEX).sum()) for b in group]
+    run.accumulate(group)
+    # The recorded per-batch loss is each batch's own token mean, not divided by grad_accum.
+    assert run.window.batch_losses() == pytest.approx([s / t for s, t in zip(sums, tokens)], rel=1e-5)
+    accumulated = [p.grad.clone() for p in run.model.parameters()]
+
+    # The same gradient from one pass over both batches as a single token-mean loss.
+    run.optimizer.zero_grad(set_to_none=True)
+    width = max(b.inputs.shape[1] for b in group)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)
+    inputs = torch.cat([pad(b.inputs, 0) for b in group])
+    labels = torch.cat([pad(b.labels, IGNORE_INDEX) for b in group])
+    (token_loss_sum(run.model(inputs), labels) / labels.ne(IGNORE_INDEX).sum()).backward()
+    for acc, whole in zip(accumulated, (p.grad for p in run.model.parameters())):
+        torch.testing.assert_close(acc, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_an_odd_number_of_micro_batches_still_applies_the_last_gradient(tmp_path, micro_data):
+    run = new_run(tmp_path, micro_data, "train.grad_accum=4", "train.epochs=1")
+    assert run.epoch_batches % 4 != 0, "the micro data must leave a partial last group"
+    steps = []
+    original = run.optimizer.step
+    run.optimizer.step = lambda *a, **k: (steps.append(1), original(*a, **k))[1]
+    before = [p.detach().clone() for p in run.model.parameters()]
+    run.fit()
+    assert len(steps) == math.ceil(run.epoch_batches / 4) == run.progress.step
+    assert run.progress.batch == run.epoch_batches
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
+
+
+def test_every_report_has_the_same_keys_and_plain_values(tmp_path, micro_data):
+    cfg = micro_config("train.epochs=2", output_dir=tmp_path)
+    reports = train_locally(cfg, micro_data, tmp_path / "run").reports
+    assert len({tuple(r) for r in reports}) == 1
+    for report in reports:
+        for key, value in report.items():
+            assert value is None or isinstance(value, (int, float, str, bool, list)), key
+    ends = [r for r in reports if r["epoch_end"]]
+    assert [r["epochs_done"] for r in ends] == [1, 2]
+    assert all(r["val_loss"] is not None and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+               for r in ends)
+    # batch_losses tile the batches without gaps or overlaps.
+    covered = [i for r in reports for i in range(r["batch_start"], r["batch_start"] + len(r["batch_losses"]))]
+    assert covered == list(range(reports[-1]["batch"]))
+
+
+def test_resume_after_epoch_one_equals_the_run_that_went_through(tmp_path, micro_data):
+    through = train_locally(micro_config("train.epochs=2", output_dir=tmp_path / "a"),
+                            micro_data, tmp_path / "a")
+    first = train_locally(micro_config("train.epochs=1", output_dir=tmp_path / "b"),
+                          micro_data, tmp_path / "b")
+    resumed = train_locally(micro_config("train.epochs=2", output_dir=tmp_path / "b"),
+                            micro_data, tmp_path / "c", resume_from=first.checkpoints[-1])
+    stitched = first.reports + resumed.reports
+    assert [r["step"] for r in stitched] == [r["step"] for r in through.reports]
+    for a, b in zip(stitched, through.reports):
+        assert a["batch_losses"] == b["batch_losses"] and a["val_loss"] == b["val_loss"]
+    end_a = torch.load(through.checkpoints[-1] / "state.pt", weights_only=True)["model"]
+    end_b = torch.load(resumed.checkpoints[-1] / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(end_a[k], end_b[k]) for k in end_a)
+
+
+def test_non_finite_gradients_skip_the_step_are_counted_and_stop_the_run(tmp_path, micro_data):
+    cfg = micro_config("train.epochs=3", "fault.nan_from_step=3", "train.max_consecutive_skips=4",
+                       output_dir=tmp_path)
+    run = TrainRun(cfg, micro_data, LocalSession(tmp_path / "run"))
+    progress = run.fit()
+    last = run.session.reports[-1]
+    assert progress.skipped_steps == 4 and progress.step == 7
+    assert "non-finite" in last["stop_reason"] and last["skipped_steps"] == 4
+    assert last["loss"] is None and last["ppl"] is None      # missing, not NaN
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    assert last["val_loss"] is not None                       # weights were never poisoned
+
+
+def test_injected_exception_fires_once_per_run_folder(tmp_path, micro_data):
+    cfg = micro_config("fault.raise_at_step=2", output_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train_locally(cfg, micro_data, tmp_path / "run")
+    # The marker makes the retry succeed, as a Train retry from the checkpoint would.
+    assert train_locally(cfg, micro_data, tmp_path / "run2").reports[-1]["epochs_done"] == cfg.train.epochs
+
+
+def test_lr_schedule_warms_up_then_restarts_with_growing_periods():
+    cfg = micro_config("train.warmup_steps=4", "train.restart_steps=10", "train.restart_mult=2",
+                       "train.lr=1e-3", "train.min_lr=1e-5")
+    t = cfg.train
+    lrs = [lr_multiplier(s, t) * t.lr for s in range(4 + 10 + 20 + 1)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3)                      # first cosine period starts at the peak
+    assert lrs[13] == pytest.approx(1e-5, abs=3e-5)           # ...and ends near min_lr
+    assert lrs[14] == pytest.approx(1e-3)                     # warm restart
+    assert lrs[34] == pytest.approx(1e-3)                     # second period is twice as long
+    assert min(lrs) >= 1e-5 - 1e-12
+
+
+def test_norms_biases_and_embeddings_are_not_decayed(tmp_path, micro_data):
+    run = new_run(tmp_path, micro_data)
+    decay, no_decay = build_optimizer(run.model, run.t).param_groups
+    assert decay["weight_decay"] == run.t.weight_decay and no_decay["weight_decay"] == 0.0
+    embeddings = {id(p) for m in run.model.modules() if isinstance(m, torch.nn.Embedding)
+                  for p in m.parameters()}
+    assert embeddings and embeddings <= {id(p) for p in no_decay["params"]}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert all(p.ndim < 2 or id(p) in embeddings for p in no_decay["params"])
