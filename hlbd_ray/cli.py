@@ -27,8 +27,6 @@ def parse_job_args(argv: list[str], default_config: str, description: str) -> Co
 
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create the output folder or refuse before any work starts, naming the folder."""
-    if "://" in str(path):
-        return Path(str(path))  # remote storage: checked by Ray when it first writes
     folder = Path(path).expanduser().resolve()
     try:
         folder.mkdir(parents=True, exist_ok=True)

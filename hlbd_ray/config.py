@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -163,31 +163,37 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    # Everything a run writes goes under this folder.
+    # Local folder for what the driver writes: run files, reports, the best config.
     output_dir: str = "runs"
+    # Where Ray persists experiment state and checkpoints: a local folder (None: output_dir)
+    # or a URI pyarrow understands (s3://, gs://, a shared mount) for multi-node clusters.
+    storage_path: Optional[str] = None
     # The single-run job's folder name under output_dir (the sweep uses sweep.name).
     name: str = "train"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Schema <- YAML file <- dotlist overrides, then `validate`. Errors are UserErrors."""
-    schema = OmegaConf.structured(Config)
-    layers: list[Any] = []
+    merged = OmegaConf.structured(Config)
     if path is not None:
-        layers.append(_read_yaml(Path(path)))
+        merged = _merge(merged, _read_yaml(Path(path)), f"config file {path}")
     for bad in (o for o in overrides or [] if "=" not in o):
         raise UserError(f"bad override {bad!r}: use key=value, e.g. train.lr=1e-3")
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        dotlist = OmegaConf.from_dotlist(list(overrides or []))
     except Exception as err:  # the dotlist parser raises grammar errors of several kinds
         raise UserError(f"bad override syntax ({_first_line(err)}); use key=value") from None
-    try:
-        merged = OmegaConf.merge(schema, *layers)
-    except OmegaConfBaseException as err:
-        raise UserError(f"config: {_first_line(err)}") from None
+    merged = _merge(merged, dotlist, "override")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg
+
+
+def _merge(base: DictConfig, layer: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise UserError(f"{where}: {_first_line(err)}") from None
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -275,10 +281,7 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(values: dict) -> Config:
     """Inverse of `to_dict`, with the same schema checks as `load_config`."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), values)
-    except OmegaConfBaseException as err:
-        raise UserError(f"config: {_first_line(err)}") from None
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(values), "config")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg

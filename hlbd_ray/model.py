@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -216,10 +217,9 @@ class APTModel(nn.Module):
         return F.linear(self.ln_f(x), self.tok_emb.weight)
 
 
-def build_model(spec: ModelSpec, factory: str | None = None) -> nn.Module:
-    """APTModel(spec), or `factory(spec)` for a "package.module:function" string."""
-    if not factory:
-        return APTModel(spec)
+def resolve_factory(factory: str) -> Callable[[ModelSpec], nn.Module]:
+    """The function named by "package.module:function"; called up front so a bad name
+    is a user error before any Ray work starts."""
     module_name, _, func_name = factory.partition(":")
     if not module_name or not func_name:
         raise UserError(f"model.factory={factory!r} must look like 'package.module:function'")
@@ -231,7 +231,14 @@ def build_model(spec: ModelSpec, factory: str | None = None) -> nn.Module:
     func = getattr(module, func_name, None)
     if not callable(func):
         raise UserError(f"model.factory={factory!r}: {module_name!r} has no function {func_name!r}")
-    model = func(spec)
+    return func
+
+
+def build_model(spec: ModelSpec, factory: str | None = None) -> nn.Module:
+    """APTModel(spec), or `factory(spec)` for a "package.module:function" string."""
+    if not factory:
+        return APTModel(spec)
+    model = resolve_factory(factory)(spec)
     if not isinstance(model, nn.Module):
         raise UserError(f"model.factory={factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

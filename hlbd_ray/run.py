@@ -1,4 +1,4 @@
-"""One training run on Ray Train: the TorchTrainer, its run folder and metrics file.
+"""One training run on Ray Train: preflight checks, the TorchTrainer, its run folder.
 
 Used directly by `jobs/train.py` and, per trial, by the sweep. The data are prepared once
 by the caller and handed over as an object-store reference, so workers (and trials) share
@@ -9,20 +9,41 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hlbd_ray.cli import ensure_writable_dir
+from hlbd_ray.cli import ensure_writable_dir, parse_job_args
 from hlbd_ray.cluster import start_ray
 from hlbd_ray.config import Config, TrainConfig, to_dict, to_yaml
 from hlbd_ray.data import PreparedData, prepare_data
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
 from hlbd_ray.files import atomic_write_json, atomic_write_text
+from hlbd_ray.model import resolve_factory
 
 
-def storage_uri(path: str) -> str:
-    """Local folders become absolute paths (Ray needs them); URIs (s3://, gs://...) pass."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+def storage_join(base: str, *parts: str) -> str:
+    """Join path parts onto a local folder or a URI (s3://bucket/x) alike."""
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def preflight(cfg: Config) -> tuple[Config, PreparedData]:
+    """Everything that can be checked without Ray, so user errors surface before it starts.
+
+    Returns the config with absolute local paths (workers and trials run in other
+    working directories) and the prepared data. Nothing is written before the data
+    passed its checks: a bad input leaves no output behind.
+    """
+    if cfg.model.factory:
+        resolve_factory(cfg.model.factory)
+    data = prepare_data(cfg.data, cfg.train.max_len)
+    output_dir = str(ensure_writable_dir(cfg.output_dir))
+    storage = cfg.storage_path or output_dir
+    if "://" not in storage:
+        storage = str(ensure_writable_dir(storage))
+    return replace(cfg, output_dir=output_dir, storage_path=storage), data
 
 
 def make_metrics_callback(path: Path):
@@ -59,18 +80,18 @@ def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
     scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                             resources_per_worker=resources)
     run_config = RunConfig(
-        name=name, storage_path=storage_uri(storage_path),
+        name=name, storage_path=storage_path,
         failure_config=FailureConfig(max_failures=t.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
         callbacks=callbacks or [],
-        # Ray Train logs every report at INFO; our own metrics file and reports hold them.
+        # Ray Train logs every report at INFO; our metrics file and reports hold them.
         logging_config=LoggingConfig(log_level="WARNING"))
     return TorchTrainer(train_loop_per_worker, scaling_config=scaling, run_config=run_config,
                         train_loop_config={"config": to_dict(cfg), "data": data})
 
 
 def write_run_files(run_dir: Path, cfg: Config, data: PreparedData) -> None:
-    """The resolved config, the vocabulary and the data statistics, next to the checkpoints."""
+    """The resolved config, the vocabulary and the data statistics, next to the metrics."""
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     atomic_write_json(run_dir / "vocab.json", data.tokenizer)
     atomic_write_json(run_dir / "dataset_stats.json", data.dataset_stats)
@@ -80,41 +101,14 @@ def user_error_in(err: BaseException) -> UserError | None:
     """The UserError behind a training failure, if a worker raised one (e.g. a bad checkpoint)."""
     failures = list(getattr(err, "worker_failures", {}).values())
     for candidate in [err, *failures]:
-        seen = 0
-        while candidate is not None and seen < 10:
+        depth = 0
+        while candidate is not None and depth < 10:
             if isinstance(candidate, UserError):
                 return candidate
             cause = getattr(candidate, "cause", None)
             candidate = cause if isinstance(cause, BaseException) else candidate.__cause__
-            seen += 1
+            depth += 1
     return None
-
-
-def run_training_job(cfg: Config) -> int:
-    """Prepare data (user errors surface here, before Ray), train, print a summary."""
-    run_dir = ensure_writable_dir(cfg.output_dir) / cfg.name
-    data = prepare_data(cfg.data, cfg.train.max_len)
-    import ray
-    from ray.train import TrainingFailedError
-
-    start_ray(cfg.cluster)
-    try:
-        check_fits(cfg.train, ray.cluster_resources())
-        write_run_files(run_dir, cfg, data)
-        trainer = build_trainer(cfg, ray.put(data), cfg.output_dir, cfg.name,
-                                [make_metrics_callback(run_dir / "metrics.jsonl")])
-        try:
-            result = trainer.fit()
-        except TrainingFailedError as err:
-            cause = user_error_in(err)
-            if cause is not None:
-                raise cause from None
-            print(f"training failed: {str(err).splitlines()[0]}", file=sys.stderr)
-            return EXIT_FAILURE
-        print_summary(result.metrics or {}, result.checkpoint, run_dir)
-        return EXIT_OK
-    finally:
-        ray.shutdown()
 
 
 def check_fits(t: TrainConfig, resources: dict[str, float]) -> None:
@@ -125,6 +119,33 @@ def check_fits(t: TrainConfig, resources: dict[str, float]) -> None:
             f"train.num_workers={t.num_workers} x (cpus_per_worker={t.cpus_per_worker}, "
             f"gpus_per_worker={t.gpus_per_worker}) does not fit the cluster "
             f"({cpus:g} CPUs, {gpus:g} GPUs)")
+
+
+def run_training_job(cfg: Config) -> int:
+    """Preflight, then one Ray Train run; prints a summary. Re-running resumes the run."""
+    cfg, data = preflight(cfg)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    import ray
+    from ray.train import TrainingFailedError
+
+    start_ray(cfg.cluster)
+    try:
+        check_fits(cfg.train, ray.cluster_resources())
+        write_run_files(run_dir, cfg, data)
+        trainer = build_trainer(cfg, ray.put(data), cfg.storage_path, cfg.name,
+                                [make_metrics_callback(run_dir / "metrics.jsonl")])
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as err:
+            cause = user_error_in(err)
+            if cause is not None:
+                raise cause from None
+            print(f"training failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+            return EXIT_FAILURE
+        print_summary(result.metrics or {}, result.checkpoint, run_dir)
+        return EXIT_OK
+    finally:
+        ray.shutdown()
 
 
 def print_summary(metrics: dict[str, Any], checkpoint: Any, run_dir: Path) -> None:
@@ -139,3 +160,8 @@ def print_summary(metrics: dict[str, Any], checkpoint: Any, run_dir: Path) -> No
         print(f"  {'stopped':<14} {metrics['stop_reason']}")
     print(f"  {'run folder':<14} {run_dir}")
     print(f"  {'checkpoint':<14} {checkpoint.path if checkpoint else 'none'}")
+
+
+def main(argv: list[str]) -> int:
+    """`jobs/train.py`: one APT training run on Ray Train."""
+    return run_training_job(parse_job_args(argv, "train.yaml", description=main.__doc__ or ""))

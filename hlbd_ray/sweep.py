@@ -16,13 +16,13 @@ from typing import Any
 
 from ray import tune
 
-from hlbd_ray.cli import ensure_writable_dir
+from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import require_state_api, start_ray
 from hlbd_ray.config import Config, check_heads, from_dict, to_dict, to_yaml
-from hlbd_ray.data import prepare_data
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
+from hlbd_ray.metrics import finite_or_none
 from hlbd_ray.files import atomic_write_json, atomic_write_text
-from hlbd_ray.run import build_trainer, storage_uri, user_error_in
+from hlbd_ray.run import build_trainer, preflight, storage_join, user_error_in
 from hlbd_ray.search import ARCH_KEY, LR_KEY, build_scheduler, build_searcher, check_space, decode_arch, param_space
 
 # The per-trial driver actor only waits on its Train run; it gets a sliver of a CPU so
@@ -136,18 +136,20 @@ def status_line(trials: list, metric: str, mode: str, elapsed: float) -> str:
             f"{counts['RUNNING']} running, {counts['PENDING'] + counts['PAUSED']} pending | {best}")
 
 
-def build_tuner(cfg: Config, data_ref: Any, exp_dir: Path, resources: TrialResources,
-                callbacks: list[Any]):
-    """A new Tuner, or the restored one when this experiment folder already holds a sweep."""
-    trainable = tune.with_parameters(
-        run_trial, base=to_dict(cfg), data=[data_ref], train_storage=str(exp_dir / "train"),
-        worker_cpu=resources.worker_cpu)
-    trainable = tune.with_resources(trainable, {"cpu": DRIVER_CPU})
-    if tune.Tuner.can_restore(str(exp_dir)):
-        print(f"resuming the sweep in {exp_dir} (finished trials are kept)", flush=True)
-        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
-                                  resume_errored=True, param_space=param_space(cfg.sweep))
+def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks: list[Any]):
+    """A new Tuner, or the restored one when the experiment already exists in storage."""
     s = cfg.sweep
+    experiment = storage_join(cfg.storage_path, s.name)
+    # The data ref travels inside a list so Tune hands the reference, not the data, to
+    # every trial: workers fetch it zero-copy from the object store.
+    trainable = tune.with_parameters(
+        run_trial, base=to_dict(cfg), data=[data_ref],
+        train_storage=storage_join(experiment, "train"), worker_cpu=resources.worker_cpu)
+    trainable = tune.with_resources(trainable, {"cpu": DRIVER_CPU})
+    if tune.Tuner.can_restore(experiment):
+        print(f"resuming the sweep in {experiment} (finished trials are kept)", flush=True)
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
+                                  resume_errored=True, param_space=param_space(s))
     tune_config = tune.TuneConfig(
         metric=s.metric, mode=s.mode, num_samples=s.num_samples,
         search_alg=build_searcher(s, resources.max_concurrent), scheduler=build_scheduler(s, cfg.train.epochs),
@@ -156,7 +158,7 @@ def build_tuner(cfg: Config, data_ref: Any, exp_dir: Path, resources: TrialResou
         time_budget_s=s.time_budget_s or None,
         trial_dirname_creator=lambda trial: trial.trial_id)
     run_config = tune.RunConfig(
-        name=s.name, storage_path=str(exp_dir.parent), verbose=0, callbacks=callbacks,
+        name=s.name, storage_path=cfg.storage_path, verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=s.trial_max_failures))
     return tune.Tuner(trainable, param_space=param_space(s), tune_config=tune_config,
                       run_config=run_config)
@@ -165,10 +167,8 @@ def build_tuner(cfg: Config, data_ref: Any, exp_dir: Path, resources: TrialResou
 def run_sweep_job(cfg: Config) -> int:
     """Validate everything that can be checked without Ray, then run (or resume) the sweep."""
     check_space(cfg.sweep)
-    output_dir = ensure_writable_dir(cfg.output_dir)
-    cfg = replace(cfg, output_dir=storage_uri(str(output_dir)))
-    exp_dir = output_dir / cfg.sweep.name
-    data = prepare_data(cfg.data, cfg.train.max_len)
+    cfg, data = preflight(cfg)
+    report_dir = Path(cfg.output_dir) / cfg.sweep.name
     import ray
 
     from hlbd_ray.report import ReportAggregator
@@ -179,15 +179,19 @@ def run_sweep_job(cfg: Config) -> int:
         resources = plan_resources(cfg, ray.cluster_resources())
         print(f"sweep {cfg.sweep.name}: {cfg.sweep.num_samples} samples, {cfg.sweep.search} search, "
               f"{cfg.sweep.scheduler} scheduler, up to {resources.max_concurrent} trials at once; "
-              f"folder {exp_dir}", flush=True)
-        callbacks = [ReportAggregator(exp_dir, cfg.report.points_per_epoch, cfg.report.every_s,
+              f"reports in {report_dir}", flush=True)
+        callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
                                       data.dataset_stats),
                      SweepStatus(cfg.sweep.metric, cfg.sweep.mode)]
-        tuner = build_tuner(cfg, ray.put(data), exp_dir, resources, callbacks)
-        results = tuner.fit()
-        return finish(cfg, results, exp_dir)
+        results = build_tuner(cfg, ray.put(data), resources, callbacks).fit()
+        return finish(cfg, results, report_dir)
     finally:
         ray.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    """`jobs/sweep.py`: a num_heads x learning-rate sweep, Ray Tune over Ray Train."""
+    return run_sweep_job(parse_job_args(argv, "sweep.yaml", description=main.__doc__ or ""))
 
 
 def trial_rows(results: Any, metric: str, mode: str) -> list[dict[str, Any]]:
@@ -209,8 +213,10 @@ def trial_rows(results: Any, metric: str, mode: str) -> list[dict[str, Any]]:
         if history is not None and metric in history and history[metric].notna().any():
             column = history[metric]
             best = history.loc[column.idxmin() if mode == "min" else column.idxmax()]
-            row.update(best_metric=best[metric], best_val_loss=best.get("val_loss"), best_val_ppl=best.get("val_ppl"),
-                       best_val_acc=best.get("val_acc"))
+            row.update(best_metric=finite_or_none(best[metric]),
+                       best_val_loss=finite_or_none(best.get("val_loss")),
+                       best_val_ppl=finite_or_none(best.get("val_ppl")),
+                       best_val_acc=finite_or_none(best.get("val_acc")))
         rows.append(row)
     return rows
 

@@ -34,8 +34,14 @@ from hlbd_ray.tokenizer import CharTokenizer
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: `{"config": to_dict(cfg), "data": PreparedData or its ObjectRef}`."""
-    import ray
+    import logging
 
+    import ray
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Ray Train logs every report with all its metrics at INFO, from a logger named after
+    # its source file (so LoggingConfig misses it); our reports hold them already.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     data = loop_config["data"]
     if isinstance(data, ray.ObjectRef):
         # Zero-copy from the object store: every trial shares one tokenized copy.
@@ -110,6 +116,7 @@ class Progress:
         "val_loss": None, "val_ppl": None, "val_acc": None, "val_exact": None, "val_step": -1})
     history: list[dict[str, Any]] = field(default_factory=list)  # one summary per epoch
     stop_reason: str = ""
+    last_metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch-end report
 
 
 @dataclass
@@ -186,9 +193,15 @@ class TrainRun:
     def fit(self) -> Progress:
         """Train the remaining epochs; returns the final progress (also in the last report)."""
         p = self.progress
+        trained = False
         while p.epoch < self.t.epochs and not self._finished():
             self.train_epoch()
             self.end_epoch()
+            trained = True
+        if not trained and p.last_metrics:
+            # Resumed from a run that had already finished (its driver died after the last
+            # checkpoint): repeat the final metrics so the caller still sees a result.
+            self.session.report({**p.last_metrics, "batch_start": p.batch, "batch_losses": []})
         return p
 
     def _finished(self) -> bool:
@@ -327,18 +340,27 @@ class TrainRun:
         p.history.append({"epoch": p.epoch, "epoch_loss": finite_or_none(
             epoch_loss[0] / epoch_loss[1]) if epoch_loss[1] else None, "step": p.step, **p.val})
         p.epoch += 1
+        metrics = self._window_metrics(epoch_end=True)
+        p.last_metrics = {k: v for k, v in metrics.items() if k != "batch_losses"}
         with scratch_dir() as folder:
             save_checkpoint(folder, self._state() if self.rank == 0 else None, self.rank)
-            self.report(epoch_end=True, checkpoint_dir=folder)
+            self._send(metrics, folder)
 
-    def report(self, epoch_end: bool, checkpoint_dir: Path | None = None) -> None:
-        """Send the window's metrics (same keys every time, plain Python values)."""
+    def report(self, epoch_end: bool = False) -> None:
+        self._send(self._window_metrics(epoch_end))
+
+    def _send(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        self.session.report(metrics, checkpoint_dir)
+        self.window, self.window_start = Window(), time.perf_counter()
+
+    def _window_metrics(self, epoch_end: bool) -> dict[str, Any]:
+        """The window's metrics (same keys every time, plain Python values)."""
         w, p = self.window.reduced(), self.progress
         epoch_sum, epoch_tokens = all_reduce_sums([self.epoch_counts.loss_sum, self.epoch_counts.tokens])
         elapsed = time.perf_counter() - self.window_start
         n = max(w.batches, 1)
         last_epoch = p.history[-1] if p.history else {}
-        metrics = {
+        return {
             "epoch": p.epoch - 1 if epoch_end else p.epoch,
             "epochs_done": p.epoch, "step": p.step, "batch": p.batch,
             "batch_start": p.batch - w.batches, "batch_losses": w.batch_losses(),
@@ -355,8 +377,6 @@ class TrainRun:
             "head_dim": self.spec.d_model // self.spec.num_heads,
             "precision": self.precision, "stop_reason": p.stop_reason,
         }
-        self.session.report(metrics, checkpoint_dir)
-        self.window, self.window_start = Window(), time.perf_counter()
 
     # --- checkpoint state ---------------------------------------------------------------
 

@@ -438,3 +438,24 @@ def test_unknown_state_schema_falls_back_to_the_files(tmp_path: Path,
     agg2.setup()
     assert "schema 999" in caplog.text
     assert agg2.store.trials["t"].accepted() == 240
+
+
+def test_a_failure_while_preparing_is_logged_not_raised(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    real = report_mod.trial_row
+    calls = {"n": 0}
+
+    def broken_once(*args: Any) -> dict:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("surprise")
+        return real(*args)
+
+    monkeypatch.setattr(report_mod, "trial_row", broken_once)
+    agg = ReportAggregator(tmp_path, 10, every_s=1e9)
+    with caplog.at_level(logging.ERROR, logger="hlbd_ray.report"):
+        run(agg, FakeTrial("t"), long_stream(1))     # the sweep goes on
+    assert "could not prepare" in caplog.text and agg.failed_writes == 1
+    assert agg.flush()
+    assert len(read(tmp_path / "report" / "curves.parquet")) == 10
