@@ -64,12 +64,26 @@ def sync(device: torch.device) -> None:
 
 
 def timed(step: Step, device: torch.device) -> float:
-    """Seconds for one call, with the accelerator drained before and after."""
+    """Wall seconds for one call, with the accelerator drained before and after."""
     sync(device)
     start = time.perf_counter()
     step()
     sync(device)
     return time.perf_counter() - start
+
+
+def timed_cpu(step: Step, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process). CPU time does not advance while other
+    processes hold the cores, so it shows how much of a slow step was only waiting."""
+    cpu = time.process_time()
+    wall = timed(step, device)
+    return wall, time.process_time() - cpu
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> float:
+    """Median over rounds of slow_i / fast_i: each pair ran back to back, so a burst of
+    load from elsewhere mostly hits both sides of a pair, unlike a ratio of medians."""
+    return statistics.median(s / f for s, f in zip(slow, fast))
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, sizes: list[int], reps: int) -> float:
@@ -84,6 +98,15 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, sizes: list[int
             if i >= 2:  # the first calls pay for allocation and kernel selection
                 best = max(best, 2 * n ** 3 / seconds / 1e9)
     return best
+
+
+def measure_peaks(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    if args.no_peak:
+        return {}
+    sizes = [256, 512] if args.smoke else ([4096, 8192] if device.type == "cuda" else [1024, 2048])
+    reps = 3 if args.smoke else 10
+    return {"fp32": matmul_peak_gflops(torch.float32, device, sizes, reps),
+            "bf16": matmul_peak_gflops(torch.bfloat16, device, sizes, reps)}
 
 
 # --- the plain reference: what a user would write ----------------------------------------
@@ -217,7 +240,7 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Ste
     return {name: makers[name]() for name in args.variants}
 
 
-def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, list[float]]]:
     """Step times per variant. Rounds alternate the order (A B C, C B A, ...) so no variant
     always runs right after the same neighbour; with --start-at every process of a
     concurrent run starts timing at the same moment and stops after --duration."""
@@ -227,14 +250,17 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, list
             timed(step, device)
     if args.start_at:
         time.sleep(max(0.0, args.start_at - time.time()))
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps)
     start, rounds = time.perf_counter(), 0
     while (rounds < args.rounds) if not args.duration else (time.perf_counter() - start < args.duration):
         for name in order if rounds % 2 == 0 else reversed(order):
-            times[name].append(timed(steps[name], device))
+            w, c = timed_cpu(steps[name], device)
+            wall[name].append(w)
+            cpu[name].append(c)
         rounds += 1
-    return times
+    return {"wall": wall, "cpu": cpu}
 
 
 # --- fp32 against bf16 on a real learning task -------------------------------------------
@@ -262,76 +288,91 @@ def loss_curves(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     runs = {p: ours_run(ours_config(args, p), data, device) for p in ("fp32", "bf16")}
     losses: dict[str, list[float]] = {p: [] for p in runs}
     times: dict[str, list[float]] = {p: [] for p in runs}
+    cpu: dict[str, list[float]] = {p: [] for p in runs}
     tokens = 0
     for step, group in zip(range(args.curve_steps), group_stream(args, data, device)):
         tokens += sum(b.inputs.numel() for b in group)
         for p in runs if step % 2 == 0 else reversed(list(runs)):
             run = runs[p]
             torch.manual_seed(1000 + step)  # the same dropout masks for both precisions
-            times[p].append(timed(lambda: (run.accumulate(group), run.optimizer_step()), device))
+            wall, cpu_s = timed_cpu(lambda: (run.accumulate(group), run.optimizer_step()), device)
+            times[p].append(wall)
+            cpu[p].append(cpu_s)
             w = run.window
             losses[p].append(sum(w.batch_loss_sums[-len(group):]) / max(sum(w.batch_tokens[-len(group):]), 1))
     tail = max(1, min(20, args.curve_steps // 10))  # the final loss: mean of the last steps
     final = {p: statistics.fmean(losses[p][-tail:]) for p in runs}
     val = {p: runs[p].evaluate()["val_loss"] for p in runs}
     # Paired per-step ratios: both precisions ran the same batch back to back.
-    speedup = statistics.median(f / b for f, b in zip(times["fp32"], times["bf16"]))
+    speedup = paired_ratio(times["fp32"], times["bf16"])
     return {"source": source, "vocab": vocab, "steps": args.curve_steps, "tail": tail,
             "losses": losses, "final": final, "val": val, "speedup": speedup,
+            "cpu_speedup": paired_ratio(cpu["fp32"], cpu["bf16"]),
             "tokens_per_s": {p: tokens / sum(times[p]) for p in runs}}
 
 
 # --- report --------------------------------------------------------------------------------
 
 
-def summarise(args: argparse.Namespace, device: torch.device, times: dict[str, list[float]],
+def summarise(args: argparse.Namespace, device: torch.device, times: dict[str, dict[str, list[float]]],
               peaks: dict[str, float], curves: dict[str, Any] | None) -> dict[str, Any]:
+    wall, cpu = times["wall"], times["cpu"]
     tokens = args.batch * args.seq
-    tps = {name: tokens / statistics.median(ts) for name, ts in times.items()}
     spec = ModelSpec(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
                      num_layers=args.layers, d_ff=args.d_ff, max_seq_len=args.max_len)
     flops = flops_per_token(spec, args.seq)
     r: dict[str, Any] = {"device": device.type, "threads": args.threads, "flops_per_token": flops,
-                         "rounds": min((len(t) for t in times.values()), default=0)}
-    r.update({f"tokens_per_s_{name}": value for name, value in tps.items()})
+                         "rounds": min((len(t) for t in wall.values()), default=0)}
+    for name in wall:
+        r[f"tokens_per_s_{name}"] = tokens / statistics.median(wall[name])
+        # Throughput if the process had had its threads' cores to itself (CPU time / threads).
+        r[f"cpu_tokens_per_s_{name}"] = tokens * args.threads / statistics.median(cpu[name])
     r.update({f"peak_gflops_{k}": v for k, v in peaks.items()})
-    if "ours_fp32" in tps and "plain_fp32" in tps:
-        r["ratio_vs_plain"] = tps["ours_fp32"] / tps["plain_fp32"]
-    if "ours_bf16" in tps and "plain_bf16" in tps:
-        r["ratio_vs_plain_bf16"] = tps["ours_bf16"] / tps["plain_bf16"]
+    pairs = {"ratio_vs_plain": ("plain_fp32", "ours_fp32"), "ratio_vs_plain_bf16": ("plain_bf16", "ours_bf16"),
+             "ours_bf16_vs_fp32": ("ours_fp32", "ours_bf16"),
+             # A cost: step time of autopoietic over standard attention (2.0 = twice as slow),
+             # at the precision `auto` picks here.
+             "autopoietic_ratio": ("autopoietic", f"ours_{resolve_precision('auto', device)}")}
+    for key, (slow, fast) in pairs.items():
+        if slow in wall and fast in wall:
+            r[key] = paired_ratio(wall[slow], wall[fast])
+            r[f"cpu_{key}"] = paired_ratio(cpu[slow], cpu[fast])
     for p in ("fp32", "bf16"):
-        if f"ours_{p}" in tps and peaks.get(p):
-            r[f"mfu_{p}"] = tps[f"ours_{p}"] * flops / (peaks[p] * 1e9)
-    if "autopoietic" in tps:
-        standard = f"ours_{resolve_precision('auto', device)}"
-        if standard in tps:
-            # A cost: step time of autopoietic over standard attention (2.0 = twice as slow).
-            r["autopoietic_ratio"] = tps[standard] / tps["autopoietic"]
+        if f"ours_{p}" in wall and peaks.get(p):
+            r[f"mfu_{p}"] = r[f"tokens_per_s_ours_{p}"] * flops / (peaks[p] * 1e9)
     if curves:
+        final, val = curves["final"], curves["val"]
         r["bf16_speedup"] = curves["speedup"]
-        r["bf16_final_loss_rel_diff"] = abs(curves["final"]["bf16"] - curves["final"]["fp32"]) / curves["final"]["fp32"]
-        r["bf16_val_loss_rel_diff"] = abs(curves["val"]["bf16"] - curves["val"]["fp32"]) / curves["val"]["fp32"]
+        r["cpu_bf16_speedup"] = curves["cpu_speedup"]
+        r["bf16_final_loss_rel_diff"] = abs(final["bf16"] - final["fp32"]) / final["fp32"]
+        r["bf16_val_loss_rel_diff"] = abs(val["bf16"] - val["fp32"]) / val["fp32"]
         for p in ("fp32", "bf16"):
             r[f"curve_tokens_per_s_{p}"] = curves["tokens_per_s"][p]
-            r[f"curve_final_loss_{p}"] = curves["final"][p]
-            r[f"curve_val_loss_{p}"] = curves["val"][p]
+            r[f"curve_final_loss_{p}"] = final[p]
+            r[f"curve_val_loss_{p}"] = val[p]
     return r
 
 
-def print_report(args: argparse.Namespace, r: dict[str, Any], curves: dict[str, Any] | None) -> None:
+def print_report(args: argparse.Namespace, r: dict[str, Any], times: dict[str, dict[str, list[float]]],
+                 curves: dict[str, Any] | None) -> None:
     print(f"\nstep: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, "
           f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, dropout {args.dropout}, "
           f"{r['device']}, {args.threads} threads, {r['rounds']} rounds (medians)")
-    print(f"{'variant':14}{'tokens/s':>12}{'MFU':>8}")
+    print(f"{'variant':14}{'tokens/s':>10}{'MFU':>8}{'cpu tok/s':>11}{'step ms min':>13}{'median':>8}{'max':>8}")
     for name in args.variants:
         tps = r[f"tokens_per_s_{name}"]
         peak = r.get("peak_gflops_bf16" if "bf16" in name else "peak_gflops_fp32")
         mfu = f"{tps * r['flops_per_token'] / (peak * 1e9):8.1%}" if peak else f"{'-':>8}"
-        print(f"{name:14}{tps:12.0f}{mfu}")
-    for key in ("peak_gflops_fp32", "peak_gflops_bf16", "ratio_vs_plain", "ratio_vs_plain_bf16",
-                "autopoietic_ratio"):
+        ms = sorted(t * 1e3 for t in times["wall"][name])
+        print(f"{name:14}{tps:10.0f}{mfu}{r[f'cpu_tokens_per_s_{name}']:11.0f}"
+              f"{ms[0]:13.0f}{statistics.median(ms):8.0f}{ms[-1]:8.0f}")
+    for key in ("peak_gflops_fp32", "peak_gflops_bf16"):
         if key in r:
-            print(f"{key:28}{r[key]:10.3f}")
+            print(f"{key:28}{r[key]:10.1f}")
+    print(f"{'paired ratios (median)':28}{'wall':>10}{'cpu':>10}")
+    for key in ("ratio_vs_plain", "ratio_vs_plain_bf16", "ours_bf16_vs_fp32", "autopoietic_ratio"):
+        if key in r:
+            print(f"{key:28}{r[key]:10.3f}{r[f'cpu_{key}']:10.3f}")
     if curves:
         print(f"\nfp32 vs bf16, {curves['steps']} steps on {curves['source']} (vocab {curves['vocab']}), "
               f"same init, batches and dropout masks")
@@ -341,9 +382,11 @@ def print_report(args: argparse.Namespace, r: dict[str, Any], curves: dict[str, 
             print(f"{i + 1:6d}{curves['losses']['fp32'][i]:12.4f}{curves['losses']['bf16'][i]:12.4f}")
         print(f"final loss (mean of last {curves['tail']} steps): fp32 {curves['final']['fp32']:.4f}, "
               f"bf16 {curves['final']['bf16']:.4f}, rel diff {r['bf16_final_loss_rel_diff']:.2%}")
-        print(f"val loss after training: fp32 {curves['val']['fp32']:.4f}, bf16 {curves['val']['bf16']:.4f}")
-        print(f"tokens/s (padded): fp32 {r['curve_tokens_per_s_fp32']:.0f}, bf16 {r['curve_tokens_per_s_bf16']:.0f}, "
-              f"bf16 speedup (median of paired steps) {r['bf16_speedup']:.2f}x")
+        print(f"val loss after training: fp32 {curves['val']['fp32']:.4f}, bf16 {curves['val']['bf16']:.4f}, "
+              f"rel diff {r['bf16_val_loss_rel_diff']:.2%}")
+        print(f"tokens/s (padded): fp32 {r['curve_tokens_per_s_fp32']:.0f}, bf16 {r['curve_tokens_per_s_bf16']:.0f}; "
+              f"bf16 speedup, median of paired steps: {r['bf16_speedup']:.2f}x wall, "
+              f"{r['cpu_bf16_speedup']:.2f}x cpu")
 
 
 def parse_args() -> argparse.Namespace:
@@ -386,17 +429,14 @@ def main() -> None:
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    peaks: dict[str, float] = {}
-    if not args.no_peak:
-        sizes = [256, 512] if args.smoke else ([4096, 8192] if device.type == "cuda" else [1024, 2048])
-        reps = 3 if args.smoke else 10
-        peaks = {"fp32": matmul_peak_gflops(torch.float32, device, sizes, reps),
-                 "bf16": matmul_peak_gflops(torch.bfloat16, device, sizes, reps)}
+    peaks = measure_peaks(args, device)
     times = throughput(args, device)
+    # Again after the steps, keeping the best: a burst of load during one pass only lowers it.
+    peaks = {k: max(v, measure_peaks(args, device).get(k, 0.0)) for k, v in peaks.items()}
     curves = loss_curves(args, device) if args.curve_steps > 0 else None
     result = summarise(args, device, times, peaks, curves)
     result["loadavg_start"], result["loadavg_end"] = load_start[0], os.getloadavg()[0]
-    print_report(args, result, curves)
+    print_report(args, result, times, curves)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)

@@ -511,11 +511,25 @@ def _array_of_pieces(items: list[list[str]]) -> list[str]:
     return pieces
 
 
+_CHUNK = 1 << 20
+
+
 def _write_pieces(path: Path, pieces: list[str]) -> None:
-    # One join and one write: `writelines` issues a system call per large piece, which
-    # measured four times slower than copying the pieces together first.
-    data = "".join(pieces).encode("utf-8")   # a text-mode write of MBs is slower still
-    atomic_write(path, lambda f: f.write(data))
+    """Write JSON pieces joined into ~1 MiB chunks: `writelines` makes a system call per
+    large piece (measured 4x slower), and one join of the whole document would hold a
+    second and third copy of it (text and bytes) in memory at once."""
+    def write(f: Any) -> None:
+        batch: list[str] = []
+        size = 0
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece)
+            if size >= _CHUNK:
+                f.write("".join(batch).encode("utf-8"))
+                batch, size = [], 0
+        f.write("".join(batch).encode("utf-8"))
+
+    atomic_write(path, write)
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:

@@ -42,3 +42,14 @@ def micro_data() -> PreparedData:
 def hlbd_dir() -> Path:
     assert HLBD_DIR.is_dir(), f"the real HLBD files are expected in {HLBD_DIR}"
     return HLBD_DIR
+
+
+def run_job(script: str, *args: str, timeout: float = 600, env: dict | None = None,
+            cwd: Path = REPO):
+    """Run a job script as users do (a subprocess), with the test Ray settings."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **RAY_TEST_ENV, **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)

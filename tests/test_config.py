@@ -1,0 +1,65 @@
+"""The config schema: every shipped YAML loads, bad keys/values/overrides are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from hlbd_ray.config import CONF_DIR, Config, from_dict, load_config, to_dict, to_yaml
+from hlbd_ray.errors import UserError
+
+
+@pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads_against_the_schema(path):
+    cfg = load_config(path)
+    assert cfg.model.d_model % cfg.model.num_heads == 0
+    assert cfg.cluster.dashboard_host == "127.0.0.1"       # never exposed by what we ship
+
+
+def test_shipped_yamls_cover_the_jobs():
+    assert {"train.yaml", "sweep.yaml", "smoke.yaml", "gpu.yaml"} <= {p.name for p in CONF_DIR.glob("*.yaml")}
+
+
+def test_overrides_win_over_the_file_and_defaults_fill_the_rest():
+    cfg = load_config(CONF_DIR / "train.yaml", ["model.num_heads=4", "train.lr=1e-3", "data.paths=[a.json]"])
+    assert (cfg.model.num_heads, cfg.train.lr, cfg.data.paths) == (4, 1e-3, ["a.json"])
+    assert cfg.report.points_per_epoch == 100
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.num_heads=12"], "model.d_model=256 is not divisible by model.num_heads=12; "
+                             "valid head counts for d_model=256: [1, 2, 4, 8, 16, 32, 64, 128, 256]"),
+    (["model.nmu_heads=8"], "Key 'nmu_heads' not in 'ModelConfig'"),
+    (["train.lr=fast"], "train.lr"),
+    (["train.epochs=2.5"], "train.epochs"),
+    (["train.lr"], "use key=value"),
+    (["train.lr=[1,"], "bad override syntax"),
+    (["train.lr=0"], "train.lr must be > 0"),
+    (["train.batch_size=-4"], "train.batch_size must be > 0"),
+    (["train.loss_on=prompt"], "train.loss_on"),
+    (["model.attention=sparse"], "model.attention"),
+    (["data.val_fraction=1.5"], "data.val_fraction"),
+    (["train.report_every=1000", "train.grad_accum=4"], "bounded report size"),
+])
+def test_bad_values_are_one_line_user_errors(overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_yaml_with_an_unknown_key_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(UserError, match=rf"config file {path}: .*learning_rate"):
+        load_config(path)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_dict_and_yaml_round_trips_keep_every_value():
+    cfg = load_config(CONF_DIR / "smoke.yaml", ["train.lr=0.002"])
+    assert from_dict(to_dict(cfg)) == cfg
+    assert isinstance(cfg, Config)
+    assert "lr: 0.002" in to_yaml(cfg)

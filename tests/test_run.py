@@ -1,0 +1,52 @@
+"""jobs/train.py on a real local Ray: two DDP workers, the run folder, resume, summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlbd_ray.config import load_config
+from hlbd_ray.run import storage_join
+
+from .conftest import REPO, run_job
+
+SMOKE = str(REPO / "conf" / "smoke.yaml")
+
+
+def test_storage_paths_join_for_folders_and_uris():
+    assert storage_join("/data/runs", "sweep", "train") == "/data/runs/sweep/train"
+    assert storage_join("s3://bucket/runs/", "sweep") == "s3://bucket/runs/sweep"
+
+
+@pytest.mark.slow
+def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
+    args = ["--config", SMOKE, f"output_dir={tmp_path}", "name=ddp", "cluster.num_cpus=2",
+            "train.num_workers=2", "train.epochs=2"]
+    result = run_job("train.py", *args, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    cfg = load_config(run_dir / "config.yaml")                     # the resolved config
+    assert cfg.train.num_workers == 2 and cfg.output_dir == str(tmp_path)
+    vocab = json.loads((run_dir / "vocab.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len({tuple(sorted(r)) for r in records}) == 1             # same keys every report
+    ends = [r for r in records if r["epoch_end"]]
+    assert [r["epochs_done"] for r in ends] == [1, 2]
+    assert all(r["checkpoint_path"] for r in ends)
+    # Two workers each take half of every epoch's batches.
+    assert records[-1]["batch"] == 2 * records[-1]["epoch_batches"]
+    state = torch.load(f"{ends[-1]['checkpoint_path']}/state.pt", weights_only=True)
+    assert state["tokenizer"] == vocab and state["progress"]["epoch"] == 2
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in Path(ends[-1]["checkpoint_path"]).iterdir()}
+    assert "run summary" in result.stdout and "val_loss" in result.stdout
+
+    # The same command again resumes from the last checkpoint: nothing left to train.
+    again = run_job("train.py", *args, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    records_after = (run_dir / "metrics.jsonl").read_text().splitlines()
+    replay = json.loads(records_after[-1])
+    assert len(records_after) == len(records) + 1 and replay["epochs_done"] == 2
+    assert replay["val_loss"] == ends[-1]["val_loss"] and replay["batch_losses"] == []

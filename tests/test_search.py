@@ -1,0 +1,73 @@
+"""The search space: only valid (d_model, num_heads) pairs, seeded, refused when empty."""
+
+from __future__ import annotations
+
+import pytest
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from hlbd_ray.config import SpaceConfig, SweepConfig
+from hlbd_ray.errors import UserError
+from hlbd_ray.search import (EpochASHA, EpochOptunaSearch, build_scheduler, build_searcher,
+                             check_space, decode_arch, lr_grid, param_space, valid_pairs)
+
+
+def test_only_dividing_pairs_are_in_the_space():
+    space = SpaceConfig(d_model=[128, 192], num_heads=[2, 3, 4, 6, 8])
+    pairs = valid_pairs(space)
+    assert pairs == ["128x2", "128x4", "128x8", "192x2", "192x3", "192x4", "192x6", "192x8"]
+    assert all(d % h == 0 for d, h in map(decode_arch, pairs))
+
+
+def test_a_space_with_no_valid_pair_is_refused_naming_the_valid_counts():
+    with pytest.raises(UserError, match=r"no valid pair.*d_model=256 allows num_heads in \[1, 2, 4"):
+        valid_pairs(SpaceConfig(d_model=[256], num_heads=[3, 5, 12]))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"search": "bayes"}, "sweep.search"),
+    ({"scheduler": "pbt"}, "sweep.scheduler"),
+    ({"space": SpaceConfig(lr_min=1e-2, lr_max=1e-3)}, "lr_min <= lr_max"),
+    ({"space": SpaceConfig(num_heads=[])}, "must not be empty"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"reduction_factor": 1}, "reduction_factor"),
+    ({"name": "../escape"}, "plain folder name"),
+])
+def test_bad_sweep_sections_are_refused(change, message):
+    with pytest.raises(UserError, match=message):
+        check_space(SweepConfig(**change))
+
+
+@pytest.mark.parametrize("search", ["random", "grid", "optuna"])
+def test_every_search_algorithm_samples_only_valid_pairs(search):
+    sweep = SweepConfig(search=search, space=SpaceConfig(d_model=[64, 96], num_heads=[3, 4, 8]))
+    space = param_space(sweep)
+    domain = space["arch"]
+    values = domain["grid_search"] if search == "grid" else domain.categories
+    assert set(values) == {"64x4", "64x8", "96x3", "96x4", "96x8"}
+
+
+def test_grid_learning_rates_are_log_spaced_between_the_bounds():
+    grid = lr_grid(SpaceConfig(lr_min=1e-4, lr_max=1e-2, lr_grid_points=3))
+    assert grid == pytest.approx([1e-4, 1e-3, 1e-2])
+
+
+def test_searchers_and_schedulers_follow_the_config():
+    assert isinstance(build_searcher(SweepConfig(search="optuna"), 2), EpochOptunaSearch)
+    basic = build_searcher(SweepConfig(search="random"), 2)
+    assert isinstance(basic, BasicVariantGenerator) and basic.max_concurrent == 2
+    asha = build_scheduler(SweepConfig(scheduler="asha", grace_period=5), max_epochs=3)
+    assert isinstance(asha, EpochASHA) and asha._time_attr == "epochs_done"
+
+
+def test_asha_treats_a_missing_metric_as_no_information():
+    from ray.tune.schedulers import TrialScheduler
+
+    asha = build_scheduler(SweepConfig(), max_epochs=4)
+    asha.set_search_properties("val_loss", "min")
+
+    class Trial:
+        trial_id = "t1"
+
+    asha.on_trial_add(None, Trial())
+    assert asha.on_trial_result(None, Trial(), {"epochs_done": 1, "val_loss": None}) == TrialScheduler.CONTINUE
+    asha.on_trial_complete(None, Trial(), {"epochs_done": 1, "val_loss": None})  # must not raise
