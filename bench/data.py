@@ -1,0 +1,130 @@
+"""Benchmark: the data path: load + tokenize the real HLBD files, then hand them to trials.
+
+- load: `prepare_data` on both real files (HLBD Full V2 + Hardcore V2, 10,042 pairs):
+  read, parse, dedup, split, build the vocabulary, encode. Timed `--repeats` times in
+  this process; the first run is shown apart (cold file cache, first-call costs).
+- per trial, the way the sweep does it: the driver `ray.put`s the PreparedData once and
+  each trial's worker `ray.get`s it (a reference nested in the config, as
+  `train_loop_per_worker` receives it), against each trial re-reading and re-tokenizing
+  the files itself. Each "trial" is a fresh actor process (its start-up is not timed; the
+  modules the data needs are imported before timing), and the two ways alternate which
+  goes first.
+
+    python bench/data.py
+    python bench/data.py --smoke --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from hlbd_ray.config import DataConfig  # noqa: E402
+from hlbd_ray.data import PreparedData, prepare_data  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+HLBD_DIR = REPO.parent / "shared" / "data" / "hlbd"
+FILES = ("HLBD_Full_V2.json", "HLBD_Hardcore_Full_V2.json")
+MAX_LEN = 256  # conf/train.yaml
+
+
+def load(paths: list[str]) -> tuple[float, PreparedData]:
+    start = time.perf_counter()
+    data = prepare_data(DataConfig(paths=paths), MAX_LEN)
+    return time.perf_counter() - start, data
+
+
+def per_trial(data: PreparedData, paths: list[str], trials: int) -> dict[str, list[float]]:
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Trial:
+        def __init__(self) -> None:
+            import hlbd_ray.data  # noqa: F401  (what unpickling the data needs)
+
+        def get_ms(self, refs: list[Any]) -> float:
+            start = time.perf_counter()
+            got = ray.get(refs[0])
+            assert len(got.train) > 0
+            return (time.perf_counter() - start) * 1e3
+
+        def reread_s(self, paths: list[str]) -> float:
+            return load(paths)[0]
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        start = time.perf_counter()
+        ref = ray.put(data)
+        put_ms = (time.perf_counter() - start) * 1e3
+        out: dict[str, list[float]] = {"get_ms": [], "reread_s": [], "put_ms": [put_ms]}
+        for i in range(trials):
+            trial = Trial.remote()
+            ray.get(trial.__ray_ready__.remote())
+            if i % 2 == 0:
+                out["get_ms"].append(ray.get(trial.get_ms.remote([ref])))
+                out["reread_s"].append(ray.get(trial.reread_s.remote(paths)))
+            else:
+                out["reread_s"].append(ray.get(trial.reread_s.remote(paths)))
+                out["get_ms"].append(ray.get(trial.get_ms.remote([ref])))
+            ray.kill(trial)
+        return out
+    finally:
+        ray.shutdown()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="HLBD load time and per-trial data hand-over")
+    parser.add_argument("--data-dir", default=str(HLBD_DIR))
+    parser.add_argument("--repeats", type=int, default=3, help="loads timed in this process")
+    parser.add_argument("--trials", type=int, default=8, help="trial actors")
+    parser.add_argument("--smoke", action="store_true", help="one load, two trials")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.trials = 1, 2
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    load_start = os.getloadavg()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
+    paths = [str(Path(args.data_dir) / name) for name in FILES]
+    loads, data = [], None
+    for _ in range(args.repeats):
+        seconds, data = load(paths)
+        loads.append(seconds)
+    stats = data.dataset_stats
+    size_mb = len(pickle.dumps(data, protocol=5)) / 2 ** 20
+    trials = per_trial(data, paths, args.trials)
+    r = {"load_s": statistics.median(loads), "load_first_s": loads[0],
+         "pairs": stats["total"]["pairs"], "train_pairs": stats["train_pairs"], "vocab_size": stats["vocab_size"],
+         "pickled_mb": size_mb, "put_ms": trials["put_ms"][0],
+         "per_trial_get_ms": statistics.median(trials["get_ms"]), "per_trial_get_ms_max": max(trials["get_ms"]),
+         "per_trial_reread_s": statistics.median(trials["reread_s"]), "trials": args.trials,
+         "loadavg_start": load_start[0], "loadavg_end": os.getloadavg()[0]}
+    r["reread_vs_get"] = r["per_trial_reread_s"] * 1e3 / r["per_trial_get_ms"]
+    print(f"\nHLBD data: {r['pairs']} pairs ({r['train_pairs']} train), vocab {r['vocab_size']}, "
+          f"max_len {MAX_LEN}, {r['pickled_mb']:.1f} MiB pickled")
+    print(f"load + tokenize in this process: {r['load_s']:.2f} s (median of {args.repeats}; "
+          f"first {r['load_first_s']:.2f} s)")
+    print(f"ray.put once: {r['put_ms']:.1f} ms")
+    print(f"per trial ({args.trials} fresh actors): ray.get {r['per_trial_get_ms']:.2f} ms "
+          f"(max {r['per_trial_get_ms_max']:.2f}), re-read {r['per_trial_reread_s']:.2f} s "
+          f"-> {r['reread_vs_get']:.0f}x")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.json:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Benchmark: what Ray Train and Ray Tune add to the same training run.
+
+One run of N optimizer steps (a small model, tens of ms per step, reporting every
+`--report-every` steps, one epoch ending in validation and a checkpoint) is run
+
+- direct: `TrainRun(cfg, data, LocalSession).fit()` in this process, as `train_locally`
+  does, with no Ray running;
+- train:  `build_trainer(...).fit()`, one Ray Train worker, on a local cluster started
+  by `hlbd_ray.cluster.start_ray` (the single-run job's cluster);
+- tune:   a one-trial sweep through `hlbd_ray.sweep.build_tuner` (grid search over one
+  architecture and one learning rate, FIFO), i.e. the sweep's own trial driver running
+  the same TorchTrainer.
+
+All three train the same model from the same seed on the same batches. Each report is
+stamped with the wall clock where it lands (the session, a Train callback in the
+controller, a Tune callback in the driver). Steady-state throughput is the tokens of the
+batches between the second and the last periodic report over the time between their
+stamps, so the cost of the reports themselves counts; the reports' own `tokens_per_s`
+(which excludes the time spent inside `report`) is shown beside it. Start-up is the
+time from `fit()` to the first report, minus the direct run's own time to its first
+report (model build and the first window of steps), shown both ways.
+
+Repeats alternate the order (direct, train, tune / tune, train, direct ...) and Ray is
+started and stopped around the Ray variants of each repeat.
+
+    python bench/ray_overhead.py              # ~3 minutes on 2 cores
+    python bench/ray_overhead.py --smoke --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from hlbd_ray.config import Config, load_config  # noqa: E402
+from hlbd_ray.data import PreparedData, iter_batches, num_batches, prepare_data  # noqa: E402
+from hlbd_ray.session import LocalSession  # noqa: E402
+from hlbd_ray.train import TrainRun  # noqa: E402
+
+VARIANTS = ("direct", "train", "tune")
+Stamped = list[tuple[float, dict[str, Any]]]  # (wall clock at arrival, report)
+
+
+def bench_config(args: argparse.Namespace, out: Path) -> Config:
+    # Enough generated pairs that the N steps fit in one epoch: no epoch end mid-run.
+    per_module = math.ceil(args.steps * args.batch / 5 / 0.85) + 10
+    return load_config(None, [
+        f"model.d_model={args.d_model}", "model.num_heads=4", f"model.num_layers={args.layers}",
+        f"model.d_ff={4 * args.d_model}", "model.dropout=0.1",
+        f"data.generated_per_module={per_module}", "train.max_len=96",
+        f"train.batch_size={args.batch}", "train.grad_accum=1", "train.epochs=1",
+        f"train.max_steps={args.steps}", f"train.report_every={args.report_every}",
+        "train.precision=fp32", f"train.cpus_per_worker={args.threads}", "train.max_failures=0",
+        "train.progress_bar=false", "train.exact_samples=8", f"output_dir={out}",
+        "sweep.search=grid", "sweep.scheduler=fifo", "sweep.num_samples=1",
+        f"sweep.space.d_model=[{args.d_model}]", "sweep.space.num_heads=[4]",
+        "sweep.space.lr_min=3e-4", "sweep.space.lr_max=3e-4", "sweep.space.lr_grid_points=1",
+        "cluster.num_cpus=2"])
+
+
+# --- the three ways to run it -----------------------------------------------------------
+
+
+class StampedSession(LocalSession):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.stamped: Stamped = []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Any = None) -> None:
+        self.stamped.append((time.time(), dict(metrics)))
+        super().report(metrics, checkpoint_dir)
+
+
+def run_direct(cfg: Config, data: PreparedData, out: Path) -> tuple[float, Stamped]:
+    start = time.time()
+    session = StampedSession(out / "direct", run_name=cfg.name)
+    TrainRun(cfg, data, session).fit()  # the body of train_locally
+    return start, session.stamped
+
+
+def stamp_callback(path: Path) -> Any:
+    """A Train callback (it runs in the run's controller) appending stamped reports."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class StampFile(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"t": time.time(), "m": metrics[0]}) + "\n")
+
+    return StampFile()
+
+
+def run_train(cfg: Config, data_ref: Any, out: Path, name: str) -> tuple[float, Stamped]:
+    from hlbd_ray.run import build_trainer
+
+    path = out / f"{name}.jsonl"
+    trainer = build_trainer(cfg, data_ref, str(out / "train"), name, [stamp_callback(path)])
+    start = time.time()
+    trainer.fit()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return start, [(line["t"], line["m"]) for line in lines]
+
+
+def run_tune(cfg: Config, data_ref: Any, out: Path, name: str) -> tuple[float, Stamped]:
+    import ray
+    from ray import tune
+
+    from hlbd_ray.sweep import build_tuner, plan_resources
+
+    stamped: Stamped = []
+
+    class Stamp(tune.Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            stamped.append((time.time(), dict(result)))
+
+    cfg = replace(cfg, sweep=replace(cfg.sweep, name=name))
+    resources = plan_resources(cfg, ray.cluster_resources())
+    tuner = build_tuner(cfg, data_ref, out / name, resources, [Stamp()])
+    start = time.time()
+    results = tuner.fit()
+    if results.errors:
+        raise RuntimeError(f"the tune trial failed: {results.errors[0]}")
+    return start, stamped
+
+
+# --- measures ----------------------------------------------------------------------------
+
+
+def batch_tokens(cfg: Config, data: PreparedData) -> list[int]:
+    """Real (non-padding) input tokens of each batch of epoch 0, in the order runs see them."""
+    pad = data.build_tokenizer().pad_id
+    return [int((inputs != pad).sum()) for inputs, _ in iter_batches(
+        data.train, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, shuffle=True,
+        loss_on=cfg.train.loss_on)]
+
+
+def measure(start: float, stamped: Stamped, tokens: list[int], skip: int) -> dict[str, float]:
+    periodic = [(t, m) for t, m in stamped if not m.get("epoch_end")]
+    first, last = periodic[min(skip, len(periodic) - 2)], periodic[-1]
+    window_tokens = sum(tokens[first[1]["batch"]:last[1]["batch"]])
+    return {
+        "startup_s": stamped[0][0] - start,
+        "tokens_per_s": window_tokens / (last[0] - first[0]),
+        "reported_tokens_per_s": statistics.median(m["tokens_per_s"] for _, m in periodic[skip:]),
+        "total_s": stamped[-1][0] - start,
+        "steps": stamped[-1][1]["step"],
+    }
+
+
+def run_all(args: argparse.Namespace, out: Path) -> dict[str, list[dict[str, float]]]:
+    cfg = bench_config(args, out)
+    data = prepare_data(cfg.data, cfg.train.max_len)
+    assert num_batches(data.train, cfg.train.batch_size) > args.steps, "data too small for one epoch"
+    tokens = batch_tokens(cfg, data)
+    found: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+
+    def record(repeat: int, variant: str, start: float, stamped: Stamped) -> None:
+        found[variant].append(measure(start, stamped, tokens, args.skip_reports))
+        print(f"repeat {repeat} {variant:6}: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in found[variant][-1].items()), flush=True)
+
+    for repeat in range(args.repeats):
+        reverse = repeat % 2 == 1  # direct, train, tune; then tune, train, direct
+        if not reverse:
+            record(repeat, "direct", *run_direct(cfg, data, out / f"direct-{repeat}"))
+        run_on_ray(cfg, data, out, repeat, ("tune", "train") if reverse else ("train", "tune"), record)
+        if reverse:
+            record(repeat, "direct", *run_direct(cfg, data, out / f"direct-{repeat}"))
+    return found
+
+
+def run_on_ray(cfg: Config, data: PreparedData, out: Path, repeat: int, order: tuple[str, ...],
+               record: Any) -> None:
+    """The Ray variants on a fresh local cluster (the single-run job's), stopped after."""
+    import ray
+
+    from hlbd_ray.cluster import start_ray
+
+    start_ray(cfg.cluster)
+    try:
+        data_ref = ray.put(data)
+        for variant in order:
+            runner = run_train if variant == "train" else run_tune
+            record(repeat, variant, *runner(cfg, data_ref, out, f"{variant}-{repeat}"))
+    finally:
+        ray.shutdown()
+
+
+def summarise(found: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    def med(variant: str, key: str) -> float:
+        return statistics.median(m[key] for m in found[variant])
+
+    def paired(variant: str, key: str) -> float:
+        return statistics.median(v[key] / d[key] for v, d in zip(found[variant], found["direct"]))
+
+    direct_first = med("direct", "startup_s")
+    r: dict[str, Any] = {"repeats": len(found["direct"])}
+    for v in VARIANTS:
+        for key in ("tokens_per_s", "reported_tokens_per_s", "startup_s", "total_s"):
+            r[f"{v}_{key}"] = med(v, key)
+    r["train_overhead_ratio"] = paired("train", "tokens_per_s")
+    r["tune_overhead_ratio"] = paired("tune", "tokens_per_s")
+    r["train_reported_ratio"] = paired("train", "reported_tokens_per_s")
+    r["tune_reported_ratio"] = paired("tune", "reported_tokens_per_s")
+    # Per trial: the Tune trial's fit() to first report, raw and net of the work the
+    # direct run also does before its first report.
+    r["startup_s"] = r["tune_startup_s"]
+    r["startup_net_s"] = r["tune_startup_s"] - direct_first
+    r["train_startup_net_s"] = r["train_startup_s"] - direct_first
+    return r
+
+
+def print_table(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    print(f"\n{args.steps} steps, d_model {args.d_model}, {args.layers} layers, batch {args.batch}, "
+          f"{args.threads} threads, report every {args.report_every} steps; medians of {r['repeats']} repeats")
+    print(f"{'':8}{'tokens/s':>10}{'ratio':>8}{'reported tok/s':>16}{'ratio':>8}"
+          f"{'to 1st report s':>17}{'total s':>9}")
+    for v in VARIANTS:
+        ratio = 1.0 if v == "direct" else r[f"{v}_overhead_ratio"]
+        rep_ratio = 1.0 if v == "direct" else r[f"{v}_reported_ratio"]
+        print(f"{v:8}{r[f'{v}_tokens_per_s']:10.0f}{ratio:8.3f}{r[f'{v}_reported_tokens_per_s']:16.0f}"
+              f"{rep_ratio:8.3f}{r[f'{v}_startup_s']:17.2f}{r[f'{v}_total_s']:9.2f}")
+    print(f"start-up per trial (tune, fit() to first report): {r['startup_s']:.2f} s raw, "
+          f"{r['startup_net_s']:.2f} s beyond the direct run's; train alone {r['train_startup_net_s']:.2f} s")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Ray Train / Tune overhead over a direct run")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--report-every", type=int, default=10)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="train.cpus_per_worker (= threads)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-reports", type=int, default=1, help="first periodic reports left out")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.report_every, args.d_model, args.layers, args.repeats = 24, 4, 32, 1, 1
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    load_start = os.getloadavg()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as folder:
+        found = run_all(args, Path(folder))
+    result = summarise(found)
+    result["loadavg_start"], result["loadavg_end"] = load_start[0], os.getloadavg()[0]
+    print_table(args, result)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Benchmark: where the wall time of a small sweep goes.
+
+An 8-trial sweep of short trials on a 2-CPU local cluster, run the way `run_sweep_job`
+runs it (same cluster settings, `plan_resources`, `build_tuner`, the report aggregator,
+the status line, `finish`), with one addition: a worker setup hook that wraps
+`TrainRun`'s methods in every Ray worker process and appends one line per call (run
+name, what, start, end; wall clock) to a file per process. Nothing in the package is
+changed; the hook only times calls.
+
+    step share = sum over trials of time inside accumulate + optimizer_step
+                 / (sweep wall time x concurrent trial slots)
+
+The sweep wall time is `tuner.fit()` (the cluster is already up; its start-up is shown
+apart). The rest of the slot time is split into: trial start-up (trial start seen by
+the driver -> the training loop starts; model build shown apart), validation,
+epoch-end checkpoint + report, periodic reports, other loop work (batching, metrics),
+teardown (last loop event -> trial end seen by the driver) and idle slots (no trial
+running). A report-derived estimate (fw_ms + bw_ms x batches, which leaves out the
+optimizer) is printed beside the measured step time as a cross-check.
+
+    python bench/sweep.py                 # ~5 minutes on 2 cores
+    python bench/sweep.py --smoke --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from hlbd_ray.config import Config, load_config  # noqa: E402
+
+TIMELINE_ENV = "BENCH_TIMELINE_DIR"
+# TrainRun method -> what its time counts as.
+TIMED = {"__init__": "build", "fit": "fit", "accumulate": "step", "optimizer_step": "step",
+         "evaluate": "validate", "end_epoch": "epoch_end", "report": "report"}
+
+
+# --- the instrumentation, run in every Ray worker process ----------------------------------
+
+
+def install_timers() -> None:
+    """Worker setup hook: wrap TrainRun's methods when (and if) hlbd_ray.train is imported.
+
+    Importing it here would load torch into every Ray worker (trial drivers, controllers)
+    and slow their start; a finder patches the module right after its first import.
+    """
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    class PatchOnImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+            if name != "hlbd_ray.train":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            load = spec.loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                load(module)
+                wrap_methods(module.TrainRun)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, PatchOnImport())
+
+
+def wrap_methods(cls: type) -> None:
+    import functools
+
+    log = open(Path(os.environ[TIMELINE_ENV]) / f"{os.getpid()}.jsonl", "a", buffering=1)
+
+    def wrap(name: str) -> None:
+        original = getattr(cls, name)
+
+        @functools.wraps(original)
+        def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+            start = time.time()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                run = getattr(getattr(self, "session", None), "run_name", "?")
+                # One write per line, line-buffered: a killed worker loses nothing written.
+                log.write(json.dumps({"run": run, "what": name, "start": start, "end": time.time()}) + "\n")
+
+        setattr(cls, name, timed)
+
+    for name in TIMED:
+        wrap(name)
+
+
+# --- the sweep ----------------------------------------------------------------------------
+
+
+def bench_config(args: argparse.Namespace, out: Path) -> Config:
+    return load_config(None, [
+        f"model.d_model={args.d_model}", f"model.num_layers={args.layers}", f"model.d_ff={4 * args.d_model}",
+        "model.dropout=0.1", f"data.generated_per_module={args.per_module}", "train.max_len=96",
+        f"train.epochs={args.epochs}", "train.batch_size=16", "train.grad_accum=1",
+        "train.report_every=10", "train.precision=fp32", "train.cpus_per_worker=1",
+        "train.progress_bar=false", "train.warmup_steps=10", f"output_dir={out}",
+        "sweep.name=bench", f"sweep.num_samples={args.trials}", f"sweep.scheduler={args.scheduler}",
+        "sweep.search=random", f"sweep.space.d_model=[{args.d_model}]", "sweep.space.num_heads=[2,4,8]",
+        "report.every_s=5", "cluster.num_cpus=2"])
+
+
+def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
+    """run_sweep_job's body with the timing hook added to the cluster's runtime_env."""
+    import ray
+    from ray import tune
+
+    from hlbd_ray.cluster import ray_env_vars, require_state_api
+    from hlbd_ray.data import prepare_data
+    from hlbd_ray.report import ReportAggregator
+    from hlbd_ray.search import check_space
+    from hlbd_ray.sweep import SweepStatus, build_tuner, finish, plan_resources
+
+    trials: dict[str, dict[str, Any]] = defaultdict(dict)
+
+    class Lifetimes(tune.Callback):
+        def on_trial_start(self, iteration: int, trials_: list, trial: Any, **info: Any) -> None:
+            trials[trial.trial_id]["start"] = time.time()
+
+        def on_trial_result(self, iteration: int, trials_: list, trial: Any, result: dict, **info: Any) -> None:
+            batches = result["batch"] - result["batch_start"]
+            est = trials[trial.trial_id].setdefault("fw_bw_s", 0.0)
+            trials[trial.trial_id]["fw_bw_s"] = est + (result["fw_ms"] + result["bw_ms"]) * batches / 1e3
+
+        def on_trial_complete(self, iteration: int, trials_: list, trial: Any, **info: Any) -> None:
+            trials[trial.trial_id]["end"] = time.time()
+
+        on_trial_error = on_trial_complete
+
+    check_space(cfg.sweep)
+    exp_dir = Path(cfg.output_dir) / cfg.sweep.name
+    t0 = time.time()
+    data = prepare_data(cfg.data, cfg.train.max_len)
+    t1 = time.time()
+    env = {**ray_env_vars(cfg.cluster), TIMELINE_ENV: str(timeline)}
+    os.environ.update(env)
+    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
+             runtime_env={"env_vars": env, "worker_process_setup_hook": install_timers})
+    try:
+        require_state_api()
+        t2 = time.time()
+        resources = plan_resources(cfg, ray.cluster_resources())
+        callbacks = [ReportAggregator(exp_dir, cfg.report.points_per_epoch, cfg.report.every_s,
+                                      data.dataset_stats),
+                     SweepStatus(cfg.sweep.metric, cfg.sweep.mode), Lifetimes()]
+        tuner = build_tuner(cfg, ray.put(data), exp_dir, resources, callbacks)
+        start = time.time()
+        results = tuner.fit()
+        end = time.time()
+        finish(cfg, results, exp_dir)
+    finally:
+        ray.shutdown()
+    return {"trials": dict(trials), "start": start, "end": end, "slots": resources.max_concurrent,
+            "data_s": t1 - t0, "cluster_s": t2 - t1}
+
+
+# --- accounting --------------------------------------------------------------------------
+
+
+def read_timeline(timeline: Path) -> dict[str, list[dict[str, Any]]]:
+    events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for file in timeline.glob("*.jsonl"):
+        for line in file.read_text().splitlines():
+            event = json.loads(line)
+            events[event["run"]].append(event)
+    return events
+
+
+def account(sweep: dict[str, Any], events: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Seconds of slot time per category, summed over trials, plus idle slot time."""
+    parts: dict[str, float] = defaultdict(float)
+    est_fw_bw = 0.0
+    for tid, life in sweep["trials"].items():
+        mine = events.get(tid, [])
+        took = defaultdict(float)
+        for e in mine:
+            took[e["what"]] += e["end"] - e["start"]
+        end_of_trial = life.get("end", sweep["end"])
+        if not mine:  # never reached the loop
+            parts["startup"] += end_of_trial - life["start"]
+            continue
+        first = min(e["start"] for e in mine)  # TrainRun.__init__ begins
+        last = max(e["end"] for e in mine)
+        periodic_reports = took["report"] - sum(  # reports made inside end_epoch are counted there
+            e["end"] - e["start"] for e in mine if e["what"] == "report" and _inside(e, mine, "end_epoch"))
+        parts["startup"] += first - life["start"]
+        parts["build"] += took["__init__"]
+        parts["step"] += took["accumulate"] + took["optimizer_step"]
+        parts["validate"] += took["evaluate"]
+        parts["checkpoint_report"] += took["end_epoch"] - took["evaluate"]
+        parts["report"] += periodic_reports
+        loop = last - first - took["__init__"]
+        parts["other_loop"] += loop - (took["accumulate"] + took["optimizer_step"] + took["end_epoch"]
+                                       + periodic_reports)
+        parts["teardown"] += end_of_trial - last
+        est_fw_bw += life.get("fw_bw_s", 0.0)
+    wall = sweep["end"] - sweep["start"]
+    slot_time = wall * sweep["slots"]
+    parts["idle_slots"] = slot_time - sum(parts.values())
+    return {"wall_s": wall, "slots": sweep["slots"], "parts": dict(parts), "report_fw_bw_s": est_fw_bw,
+            "step_share": parts["step"] / slot_time}
+
+
+def _inside(event: dict[str, Any], events: list[dict[str, Any]], what: str) -> bool:
+    return any(o["what"] == what and o["start"] <= event["start"] and event["end"] <= o["end"] for o in events)
+
+
+ORDER = ("step", "startup", "build", "validate", "checkpoint_report", "report", "other_loop",
+         "teardown", "idle_slots")
+
+
+def print_table(args: argparse.Namespace, sweep: dict[str, Any], r: dict[str, Any]) -> None:
+    slot_time = r["wall_s"] * r["slots"]
+    print(f"\n{len(sweep['trials'])} trials ({args.scheduler}), d_model {args.d_model}, {args.layers} layers, "
+          f"{args.epochs} epochs of {args.per_module * 5} generated pairs; {r['slots']} slots; "
+          f"sweep wall {r['wall_s']:.1f} s (cluster start {sweep['cluster_s']:.1f} s and data "
+          f"{sweep['data_s']:.2f} s before it)")
+    print(f"{'where the slot time goes':28}{'s':>9}{'share':>8}")
+    for key in ORDER:
+        value = r["parts"].get(key, 0.0)
+        print(f"{key:28}{value:9.1f}{value / slot_time:8.1%}")
+    print(f"{'total (wall x slots)':28}{slot_time:9.1f}")
+    print(f"step share {r['step_share']:.3f}; report-derived fw+bw (no optimizer) "
+          f"{r['report_fw_bw_s']:.1f} s vs measured step {r['parts'].get('step', 0.0):.1f} s")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="where a small sweep's wall time goes")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--per-module", type=int, default=400, help="generated pairs per module (5 modules)")
+    parser.add_argument("--scheduler", default="asha", choices=("asha", "fifo"))
+    parser.add_argument("--smoke", action="store_true", help="2 tiny trials")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args()
+    if args.smoke:
+        args.trials, args.d_model, args.layers, args.epochs, args.per_module = 2, 32, 1, 1, 30
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    load_start = os.getloadavg()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as folder:
+        out = Path(folder)
+        timeline = out / "timeline"
+        timeline.mkdir()
+        cfg = bench_config(args, out / "runs")
+        sweep = run_sweep(cfg, timeline)
+        result = account(sweep, read_timeline(timeline))
+    print_table(args, sweep, result)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.json:
+        flat = {"step_share": result["step_share"], "wall_s": result["wall_s"], "slots": result["slots"],
+                "trials": len(sweep["trials"]), "report_fw_bw_s": result["report_fw_bw_s"],
+                "cluster_start_s": sweep["cluster_s"], "loadavg_start": load_start[0],
+                "loadavg_end": os.getloadavg()[0],
+                **{f"{k}_s": v for k, v in result["parts"].items()}}
+        print(json.dumps(flat))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Every benchmark runs at its smoke size and prints the figures it promises.
+
+Only that the numbers exist and are sane is checked, never how fast anything is: the
+benchmarks compare variants side by side themselves, and a fixed time would fail on a
+busy machine. The Ray benchmarks start their own local cluster (marked slow).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def run_smoke(script: str, timeout: int = 180) -> dict:
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--json"], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check(result: dict, numbers: set[str], ratios: set[str]) -> None:
+    missing = (numbers | ratios) - result.keys()
+    assert not missing, f"missing keys {sorted(missing)}"
+    for key in numbers | ratios:
+        value = result[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value), f"{key}={value!r}"
+    for key in ratios:
+        assert result[key] > 0, f"{key}={result[key]!r}"
+
+
+def test_step_smoke() -> None:
+    result = run_smoke("step.py")
+    check(result, {"bf16_final_loss_rel_diff", "loadavg_start", "loadavg_end"},
+          {"ratio_vs_plain", "mfu_fp32", "mfu_bf16", "peak_gflops_fp32", "peak_gflops_bf16",
+           "bf16_speedup", "autopoietic_ratio", "tokens_per_s_ours_fp32", "tokens_per_s_plain_fp32"})
+    # Same init, same batches, same dropout masks: the two precisions must agree closely
+    # on a few steps, or the comparison is not like for like.
+    assert result["bf16_final_loss_rel_diff"] < 0.05
+
+
+def test_step_imports_no_ray() -> None:
+    """bench/step.py must run where only torch is installed: its imports never load Ray."""
+    code = ("import sys, runpy; sys.argv = ['step.py', '--help']\n"
+            "try:\n    runpy.run_path('bench/step.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'ray' not in sys.modules, 'ray was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_gpu_script_parses() -> None:
+    script = BENCH / "gpu.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "bench/step.py" in script.read_text()
+
+
+@pytest.mark.slow
+def test_ray_overhead_smoke() -> None:
+    result = run_smoke("ray_overhead.py")
+    check(result, set(), {"train_overhead_ratio", "tune_overhead_ratio", "startup_s",
+                          "direct_tokens_per_s", "train_tokens_per_s", "tune_tokens_per_s"})
+
+
+@pytest.mark.slow
+def test_sweep_smoke() -> None:
+    result = run_smoke("sweep.py")
+    check(result, {"idle_slots_s"}, {"step_share", "wall_s", "step_s", "startup_s"})
+    assert result["trials"] == 2 and result["step_share"] < 1.0
+
+
+@pytest.mark.slow
+def test_data_smoke(hlbd_dir: Path) -> None:
+    result = run_smoke("data.py")
+    check(result, set(), {"load_s", "per_trial_get_ms", "per_trial_reread_s"})
+    assert result["pairs"] == 10_042

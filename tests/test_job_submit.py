@@ -1,0 +1,96 @@
+"""`ray job submit` against a head on 127.0.0.1 that the test starts, and stops, itself."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from .conftest import REPO, RAY_TEST_ENV
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+EXCLUDES = '{"excludes": [".venv", ".git", "runs", ".pytest_cache"]}'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1.0)
+
+
+def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, **RAY_TEST_ENV, "HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # --block keeps `ray start` in the foreground: killing its process group stops exactly
+    # this head (`ray stop` would stop every Ray of the user).
+    head = subprocess.Popen(
+        [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--block"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        client = wait_until(lambda: _client(address), 90, "the job server")
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO),
+             "--runtime-env-json", EXCLUDES, "--", "python", "jobs/sweep.py",
+             "--config", "conf/smoke.yaml", f"output_dir={tmp_path / 'out'}"],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert submit.returncode == 0, submit.stderr
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)
+        status = wait_until(lambda: _finished(client, job_id), 400, "the job to finish")
+        logs = client.get_job_logs(job_id)
+        assert status == "SUCCEEDED", logs[-3000:]
+        assert "best trial" in logs and "[sweep" in logs
+        trials = pq.read_table(tmp_path / "out/smoke/report/trials.parquet").to_pylist()
+        assert len(trials) == 4 and all(t["d_model"] % t["num_heads"] == 0 for t in trials)
+        assert (tmp_path / "out/smoke/best_config.yaml").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+    # Only what this test started is gone: the head's GCS port is free again.
+    wait_until(lambda: _port_free(gcs_port), 30, "the head to stop")
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception:  # the job server is still starting; wait_until retries
+        return None
+
+
+def _finished(client, job_id: str):
+    status = str(client.get_job_status(job_id)).split(".")[-1]
+    return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
