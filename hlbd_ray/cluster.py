@@ -43,7 +43,9 @@ def start_ray(cluster: ClusterConfig) -> dict[str, Any]:
     if address:
         context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        context = ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+        # "local" starts a fresh cluster even when a stale /tmp/ray/ray_current_cluster
+        # (left by a head that was killed) would make a bare ray.init() try to attach.
+        context = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                            include_dashboard=True, dashboard_host=cluster.dashboard_host,
                            runtime_env=runtime_env)
     url = getattr(context, "dashboard_url", None)

@@ -142,7 +142,8 @@ class FaultConfig:
 
 @dataclass
 class ClusterConfig:
-    # None: attach to a running cluster if RAY_ADDRESS is set, else start a local one.
+    # None: attach to a running cluster if RAY_ADDRESS is set (as inside `ray job submit`),
+    # else start a local one; "auto" attaches to the head started on this machine.
     address: Optional[str] = None
     # Local cluster only (None: what the machine has).
     num_cpus: Optional[int] = None
