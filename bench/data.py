@@ -60,7 +60,7 @@ def per_trial(data: PreparedData, paths: list[str], trials: int) -> dict[str, li
         def reread_s(self, paths: list[str]) -> float:
             return load(paths)[0]
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         start = time.perf_counter()
         ref = ray.put(data)

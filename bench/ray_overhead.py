@@ -5,8 +5,8 @@ One run of N optimizer steps (a small model, tens of ms per step, reporting ever
 
 - direct: `TrainRun(cfg, data, LocalSession).fit()` in this process, as `train_locally`
   does, with no Ray running;
-- train:  `build_trainer(...).fit()`, one Ray Train worker, on a local cluster started
-  by `hlbd_ray.cluster.start_ray` (the single-run job's cluster);
+- train:  `build_trainer(...).fit()`, one Ray Train worker, on a fresh local cluster with
+  `hlbd_ray.cluster.start_ray`'s settings (the single-run job's cluster);
 - tune:   a one-trial sweep through `hlbd_ray.sweep.build_tuner` (grid search over one
   architecture and one learning rate, FIFO), i.e. the sweep's own trial driver running
   the same TorchTrainer.
@@ -50,6 +50,7 @@ from hlbd_ray.train import TrainRun  # noqa: E402
 
 VARIANTS = ("direct", "train", "tune")
 Stamped = list[tuple[float, dict[str, Any]]]  # (wall clock at arrival, report)
+Timed = tuple[float, Stamped, float]  # (fit() called, stamped reports, fit() returned)
 
 
 def bench_config(args: argparse.Namespace, out: Path) -> Config:
@@ -82,11 +83,11 @@ class StampedSession(LocalSession):
         super().report(metrics, checkpoint_dir)
 
 
-def run_direct(cfg: Config, data: PreparedData, out: Path) -> tuple[float, Stamped]:
+def run_direct(cfg: Config, data: PreparedData, out: Path) -> Timed:
     start = time.time()
     session = StampedSession(out / "direct", run_name=cfg.name)
     TrainRun(cfg, data, session).fit()  # the body of train_locally
-    return start, session.stamped
+    return start, session.stamped, time.time()
 
 
 def stamp_callback(path: Path) -> Any:
@@ -101,18 +102,19 @@ def stamp_callback(path: Path) -> Any:
     return StampFile()
 
 
-def run_train(cfg: Config, data_ref: Any, out: Path, name: str) -> tuple[float, Stamped]:
+def run_train(cfg: Config, data_ref: Any, out: Path, name: str) -> Timed:
     from hlbd_ray.run import build_trainer
 
     path = out / f"{name}.jsonl"
     trainer = build_trainer(cfg, data_ref, str(out / "train"), name, [stamp_callback(path)])
     start = time.time()
     trainer.fit()
+    end = time.time()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    return start, [(line["t"], line["m"]) for line in lines]
+    return start, [(line["t"], line["m"]) for line in lines], end
 
 
-def run_tune(cfg: Config, data_ref: Any, out: Path, name: str) -> tuple[float, Stamped]:
+def run_tune(cfg: Config, data_ref: Any, out: Path, name: str) -> Timed:
     import ray
     from ray import tune
 
@@ -124,14 +126,15 @@ def run_tune(cfg: Config, data_ref: Any, out: Path, name: str) -> tuple[float, S
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             stamped.append((time.time(), dict(result)))
 
-    cfg = replace(cfg, sweep=replace(cfg.sweep, name=name))
+    cfg = replace(cfg, storage_path=str(out), sweep=replace(cfg.sweep, name=name))
     resources = plan_resources(cfg, ray.cluster_resources())
-    tuner = build_tuner(cfg, data_ref, out / name, resources, [Stamp()])
+    tuner = build_tuner(cfg, data_ref, resources, [Stamp()])
     start = time.time()
     results = tuner.fit()
+    end = time.time()
     if results.errors:
         raise RuntimeError(f"the tune trial failed: {results.errors[0]}")
-    return start, stamped
+    return start, stamped, end
 
 
 # --- measures ----------------------------------------------------------------------------
@@ -145,7 +148,7 @@ def batch_tokens(cfg: Config, data: PreparedData) -> list[int]:
         loss_on=cfg.train.loss_on)]
 
 
-def measure(start: float, stamped: Stamped, tokens: list[int], skip: int) -> dict[str, float]:
+def measure(start: float, stamped: Stamped, end: float, tokens: list[int], skip: int) -> dict[str, float]:
     periodic = [(t, m) for t, m in stamped if not m.get("epoch_end")]
     first, last = periodic[min(skip, len(periodic) - 2)], periodic[-1]
     window_tokens = sum(tokens[first[1]["batch"]:last[1]["batch"]])
@@ -153,7 +156,9 @@ def measure(start: float, stamped: Stamped, tokens: list[int], skip: int) -> dic
         "startup_s": stamped[0][0] - start,
         "tokens_per_s": window_tokens / (last[0] - first[0]),
         "reported_tokens_per_s": statistics.median(m["tokens_per_s"] for _, m in periodic[skip:]),
-        "total_s": stamped[-1][0] - start,
+        "total_s": end - start,
+        # From the last report (validation and checkpoint done) until fit() returns.
+        "teardown_s": end - stamped[-1][0],
         "steps": stamped[-1][1]["step"],
     }
 
@@ -165,8 +170,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, list[dict[str, flo
     tokens = batch_tokens(cfg, data)
     found: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
 
-    def record(repeat: int, variant: str, start: float, stamped: Stamped) -> None:
-        found[variant].append(measure(start, stamped, tokens, args.skip_reports))
+    def record(repeat: int, variant: str, start: float, stamped: Stamped, end: float) -> None:
+        found[variant].append(measure(start, stamped, end, tokens, args.skip_reports))
         print(f"repeat {repeat} {variant:6}: " + ", ".join(
             f"{k} {v:.2f}" for k, v in found[variant][-1].items()), flush=True)
 
@@ -182,12 +187,18 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, list[dict[str, flo
 
 def run_on_ray(cfg: Config, data: PreparedData, out: Path, repeat: int, order: tuple[str, ...],
                record: Any) -> None:
-    """The Ray variants on a fresh local cluster (the single-run job's), stopped after."""
+    """The Ray variants on a fresh local cluster, stopped after. The settings are
+    start_ray's (dashboard on, the health-check interval in every process), but the
+    cluster is always a new one: plain ray.init() attaches to any cluster already running
+    on the machine, and someone else's would distort the figures."""
     import ray
 
-    from hlbd_ray.cluster import start_ray
+    from hlbd_ray.cluster import ray_env_vars
 
-    start_ray(cfg.cluster)
+    env = ray_env_vars(cfg.cluster)
+    os.environ.update(env)
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
+             dashboard_host=cfg.cluster.dashboard_host, runtime_env={"env_vars": env} if env else None)
     try:
         data_ref = ray.put(data)
         for variant in order:
@@ -207,7 +218,7 @@ def summarise(found: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     direct_first = med("direct", "startup_s")
     r: dict[str, Any] = {"repeats": len(found["direct"])}
     for v in VARIANTS:
-        for key in ("tokens_per_s", "reported_tokens_per_s", "startup_s", "total_s"):
+        for key in ("tokens_per_s", "reported_tokens_per_s", "startup_s", "teardown_s", "total_s"):
             r[f"{v}_{key}"] = med(v, key)
     r["train_overhead_ratio"] = paired("train", "tokens_per_s")
     r["tune_overhead_ratio"] = paired("tune", "tokens_per_s")
@@ -225,12 +236,12 @@ def print_table(args: argparse.Namespace, r: dict[str, Any]) -> None:
     print(f"\n{args.steps} steps, d_model {args.d_model}, {args.layers} layers, batch {args.batch}, "
           f"{args.threads} threads, report every {args.report_every} steps; medians of {r['repeats']} repeats")
     print(f"{'':8}{'tokens/s':>10}{'ratio':>8}{'reported tok/s':>16}{'ratio':>8}"
-          f"{'to 1st report s':>17}{'total s':>9}")
+          f"{'to 1st report s':>17}{'teardown s':>12}{'total s':>9}")
     for v in VARIANTS:
         ratio = 1.0 if v == "direct" else r[f"{v}_overhead_ratio"]
         rep_ratio = 1.0 if v == "direct" else r[f"{v}_reported_ratio"]
         print(f"{v:8}{r[f'{v}_tokens_per_s']:10.0f}{ratio:8.3f}{r[f'{v}_reported_tokens_per_s']:16.0f}"
-              f"{rep_ratio:8.3f}{r[f'{v}_startup_s']:17.2f}{r[f'{v}_total_s']:9.2f}")
+              f"{rep_ratio:8.3f}{r[f'{v}_startup_s']:17.2f}{r[f'{v}_teardown_s']:12.2f}{r[f'{v}_total_s']:9.2f}")
     print(f"start-up per trial (tune, fit() to first report): {r['startup_s']:.2f} s raw, "
           f"{r['startup_net_s']:.2f} s beyond the direct run's; train alone {r['train_startup_net_s']:.2f} s")
 

@@ -120,8 +120,8 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
     from ray import tune
 
     from hlbd_ray.cluster import ray_env_vars, require_state_api
-    from hlbd_ray.data import prepare_data
     from hlbd_ray.report import ReportAggregator
+    from hlbd_ray.run import preflight
     from hlbd_ray.search import check_space
     from hlbd_ray.sweep import SweepStatus, build_tuner, finish, plan_resources
 
@@ -142,26 +142,27 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
         on_trial_error = on_trial_complete
 
     check_space(cfg.sweep)
-    exp_dir = Path(cfg.output_dir) / cfg.sweep.name
     t0 = time.time()
-    data = prepare_data(cfg.data, cfg.train.max_len)
+    cfg, data = preflight(cfg)
     t1 = time.time()
+    report_dir = Path(cfg.output_dir) / cfg.sweep.name
     env = {**ray_env_vars(cfg.cluster), TIMELINE_ENV: str(timeline)}
     os.environ.update(env)
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
+    # address="local": always a new cluster, never one already running on the machine.
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
              runtime_env={"env_vars": env, "worker_process_setup_hook": install_timers})
     try:
         require_state_api()
         t2 = time.time()
         resources = plan_resources(cfg, ray.cluster_resources())
-        callbacks = [ReportAggregator(exp_dir, cfg.report.points_per_epoch, cfg.report.every_s,
+        callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
                                       data.dataset_stats),
                      SweepStatus(cfg.sweep.metric, cfg.sweep.mode), Lifetimes()]
-        tuner = build_tuner(cfg, ray.put(data), exp_dir, resources, callbacks)
+        tuner = build_tuner(cfg, ray.put(data), resources, callbacks)
         start = time.time()
         results = tuner.fit()
         end = time.time()
-        finish(cfg, results, exp_dir)
+        finish(cfg, results, report_dir)
     finally:
         ray.shutdown()
     return {"trials": dict(trials), "start": start, "end": end, "slots": resources.max_concurrent,

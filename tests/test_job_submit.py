@@ -75,6 +75,11 @@ def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
             head.wait()
     # Only what this test started is gone: the head's GCS port is free again.
     wait_until(lambda: _port_free(gcs_port), 30, "the head to stop")
+    # `ray start` records its head for later bare ray.init() calls; a killed head leaves
+    # that record behind, so remove it when (and only when) it names our head.
+    record = Path("/tmp/ray/ray_current_cluster")
+    if record.exists() and record.read_text().strip().endswith(f":{gcs_port}"):
+        record.unlink()
 
 
 def _client(address: str):
