@@ -18,12 +18,13 @@ batches between the second and the last periodic report over the time between th
 stamps, so the cost of the reports themselves counts; the reports' own `tokens_per_s`
 (which excludes the time spent inside `report`) is shown beside it. Start-up is the
 time from `fit()` to the first report, minus the direct run's own time to its first
-report (model build and the first window of steps), shown both ways.
+report (model build and the first window of steps), shown both ways. Teardown is the
+time from the last report (validation and checkpoint done) until `fit()` returns.
 
 Repeats alternate the order (direct, train, tune / tune, train, direct ...) and Ray is
 started and stopped around the Ray variants of each repeat.
 
-    python bench/ray_overhead.py              # ~3 minutes on 2 cores
+    python bench/ray_overhead.py              # ~5 minutes on 2 cores
     python bench/ray_overhead.py --smoke --json
 """
 
@@ -137,6 +138,16 @@ def run_tune(cfg: Config, data_ref: Any, out: Path, name: str) -> Timed:
     return start, stamped, end
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now. The dashboard's default (8265) may belong to
+    another local cluster on the same machine, and then this one's state API is dead."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # --- measures ----------------------------------------------------------------------------
 
 
@@ -189,8 +200,9 @@ def run_on_ray(cfg: Config, data: PreparedData, out: Path, repeat: int, order: t
                record: Any) -> None:
     """The Ray variants on a fresh local cluster, stopped after. The settings are
     start_ray's (dashboard on, the health-check interval in every process), but the
-    cluster is always a new one: plain ray.init() attaches to any cluster already running
-    on the machine, and someone else's would distort the figures."""
+    cluster is always a new one with its own dashboard port: plain ray.init() attaches
+    to any cluster already running on the machine, and someone else's would distort
+    the figures."""
     import ray
 
     from hlbd_ray.cluster import ray_env_vars
@@ -198,7 +210,8 @@ def run_on_ray(cfg: Config, data: PreparedData, out: Path, repeat: int, order: t
     env = ray_env_vars(cfg.cluster)
     os.environ.update(env)
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
-             dashboard_host=cfg.cluster.dashboard_host, runtime_env={"env_vars": env} if env else None)
+             dashboard_host=cfg.cluster.dashboard_host, dashboard_port=free_port(),
+             runtime_env={"env_vars": env} if env else None)
     try:
         data_ref = ray.put(data)
         for variant in order:
@@ -254,7 +267,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="train.cpus_per_worker (= threads)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-reports", type=int, default=1, help="first periodic reports left out")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")

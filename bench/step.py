@@ -1,7 +1,8 @@
 """Benchmark: one full training step (forward, backward, optimizer) at the playground size.
 
-Variants, each timed step by step, interleaved round by round (A, B, C, A, B, C, ...) so
-that load from other processes hits all of them alike; medians are reported:
+Variants, each timed step by step, interleaved round by round (A B C, C B A, ...) so that
+load from other processes hits all of them alike; medians are reported, and ratios are
+medians of per-round ratios:
 
 - ours_fp32 / ours_bf16: the real `TrainRun.accumulate` + `TrainRun.optimizer_step` (the
   APT model, AdamW with its two parameter groups, token counting, clipping, the LR
@@ -198,15 +199,14 @@ def synthetic_batches(args: argparse.Namespace, device: torch.device, count: int
     return out
 
 
-def ours_config(args: argparse.Namespace, precision: str, attention: str = "standard",
-                extra: list[str] | None = None) -> Config:
+def ours_config(args: argparse.Namespace, precision: str, attention: str = "standard") -> Config:
     return load_config(None, [
         f"model.d_model={args.d_model}", f"model.num_layers={args.layers}",
         f"model.num_heads={args.heads}", f"model.d_ff={args.d_ff}", f"model.dropout={args.dropout}",
         f"model.attention={attention}", f"train.batch_size={args.batch}", "train.grad_accum=1",
         f"train.max_len={args.max_len}", f"train.precision={precision}",
         f"train.cpus_per_worker={args.threads}", "train.progress_bar=false",
-        f"output_dir={tempfile.gettempdir()}", *(extra or [])])
+        f"output_dir={tempfile.gettempdir()}"])
 
 
 def ours_run(cfg: Config, data: PreparedData, device: torch.device) -> TrainRun:

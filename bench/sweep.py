@@ -18,7 +18,7 @@ teardown (last loop event -> trial end seen by the driver) and idle slots (no tr
 running). A report-derived estimate (fw_ms + bw_ms x batches, which leaves out the
 optimizer) is printed beside the measured step time as a cross-check.
 
-    python bench/sweep.py                 # ~5 minutes on 2 cores
+    python bench/sweep.py                 # ~5 minutes on 2 cores (8 trials, ~40 s of steps each)
     python bench/sweep.py --smoke --json
 """
 
@@ -125,19 +125,21 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
     from hlbd_ray.search import check_space
     from hlbd_ray.sweep import SweepStatus, build_tuner, finish, plan_resources
 
-    trials: dict[str, dict[str, Any]] = defaultdict(dict)
+    lives: dict[str, dict[str, Any]] = defaultdict(dict)
 
     class Lifetimes(tune.Callback):
-        def on_trial_start(self, iteration: int, trials_: list, trial: Any, **info: Any) -> None:
-            trials[trial.trial_id]["start"] = time.time()
+        """Trial start and end as the driver sees them, and the report-derived fw+bw time."""
 
-        def on_trial_result(self, iteration: int, trials_: list, trial: Any, result: dict, **info: Any) -> None:
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            lives[trial.trial_id]["start"] = time.time()
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             batches = result["batch"] - result["batch_start"]
-            est = trials[trial.trial_id].setdefault("fw_bw_s", 0.0)
-            trials[trial.trial_id]["fw_bw_s"] = est + (result["fw_ms"] + result["bw_ms"]) * batches / 1e3
+            life = lives[trial.trial_id]
+            life["fw_bw_s"] = life.get("fw_bw_s", 0.0) + (result["fw_ms"] + result["bw_ms"]) * batches / 1e3
 
-        def on_trial_complete(self, iteration: int, trials_: list, trial: Any, **info: Any) -> None:
-            trials[trial.trial_id]["end"] = time.time()
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            lives[trial.trial_id]["end"] = time.time()
 
         on_trial_error = on_trial_complete
 
@@ -149,8 +151,12 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
     env = {**ray_env_vars(cfg.cluster), TIMELINE_ENV: str(timeline)}
     os.environ.update(env)
     # address="local": always a new cluster, never one already running on the machine.
-    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
+             dashboard_host=cfg.cluster.dashboard_host, dashboard_port=free_port(),
              runtime_env={"env_vars": env, "worker_process_setup_hook": install_timers})
+    # The state API client finds its cluster by scanning the machine and gives up when
+    # several run (other people's); name ours.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     try:
         require_state_api()
         t2 = time.time()
@@ -165,8 +171,19 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
         finish(cfg, results, report_dir)
     finally:
         ray.shutdown()
-    return {"trials": dict(trials), "start": start, "end": end, "slots": resources.max_concurrent,
+        os.environ.pop("RAY_ADDRESS", None)
+    return {"trials": dict(lives), "start": start, "end": end, "slots": resources.max_concurrent,
             "data_s": t1 - t0, "cluster_s": t2 - t1}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now. The dashboard's default (8265) may belong to
+    another local cluster on the same machine, and then this one's state API is dead."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # --- accounting --------------------------------------------------------------------------
@@ -212,8 +229,12 @@ def account(sweep: dict[str, Any], events: dict[str, list[dict[str, Any]]]) -> d
     wall = sweep["end"] - sweep["start"]
     slot_time = wall * sweep["slots"]
     parts["idle_slots"] = slot_time - sum(parts.values())
+    lives = sweep["trials"].values()
+    # Idle time at the ends: fit() until the first trial starts, last trial end until fit() returns.
+    lead_in = min((life["start"] for life in lives), default=sweep["end"]) - sweep["start"]
+    tail = sweep["end"] - max((life.get("end", sweep["end"]) for life in lives), default=sweep["end"])
     return {"wall_s": wall, "slots": sweep["slots"], "parts": dict(parts), "report_fw_bw_s": est_fw_bw,
-            "step_share": parts["step"] / slot_time}
+            "step_share": parts["step"] / slot_time, "lead_in_s": lead_in, "tail_s": tail}
 
 
 def _inside(event: dict[str, Any], events: list[dict[str, Any]], what: str) -> bool:
@@ -235,6 +256,8 @@ def print_table(args: argparse.Namespace, sweep: dict[str, Any], r: dict[str, An
         value = r["parts"].get(key, 0.0)
         print(f"{key:28}{value:9.1f}{value / slot_time:8.1%}")
     print(f"{'total (wall x slots)':28}{slot_time:9.1f}")
+    print(f"idle at the ends: {r['lead_in_s']:.1f} s from fit() to the first trial start, "
+          f"{r['tail_s']:.1f} s from the last trial end to fit() returning (x {r['slots']} slots)")
     print(f"step share {r['step_share']:.3f}; report-derived fw+bw (no optimizer) "
           f"{r['report_fw_bw_s']:.1f} s vs measured step {r['parts'].get('step', 0.0):.1f} s")
 
@@ -245,7 +268,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--per-module", type=int, default=400, help="generated pairs per module (5 modules)")
+    parser.add_argument("--per-module", type=int, default=800, help="generated pairs per module (5 modules)")
     parser.add_argument("--scheduler", default="asha", choices=("asha", "fifo"))
     parser.add_argument("--smoke", action="store_true", help="2 tiny trials")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -271,6 +294,7 @@ def main() -> None:
     if args.json:
         flat = {"step_share": result["step_share"], "wall_s": result["wall_s"], "slots": result["slots"],
                 "trials": len(sweep["trials"]), "report_fw_bw_s": result["report_fw_bw_s"],
+                "lead_in_s": result["lead_in_s"], "tail_s": result["tail_s"],
                 "cluster_start_s": sweep["cluster_s"], "loadavg_start": load_start[0],
                 "loadavg_end": os.getloadavg()[0],
                 **{f"{k}_s": v for k, v in result["parts"].items()}}

@@ -56,7 +56,7 @@ def start_ray(cluster: ClusterConfig) -> dict[str, Any]:
     return info
 
 
-def require_state_api(timeout_s: float = 30.0) -> None:
+def require_state_api(timeout_s: float = 90.0) -> None:
     """Refuse a cluster without the dashboard's state API, before any trial starts.
 
     When a scheduler stops a trial early, its Train workers' placement group is removed
@@ -70,10 +70,11 @@ def require_state_api(timeout_s: float = 30.0) -> None:
         try:
             list_nodes(limit=1, timeout=5, raise_on_missing_output=False)
             return
-        except Exception as err:  # the dashboard may still be starting: retry, then refuse
+        except Exception as err:  # the dashboard may still be starting (slowly, on a busy
+            # machine): retry, then refuse
             if time.monotonic() > deadline:
                 raise UserError(
-                    "the Ray cluster has no working dashboard/state API "
+                    f"the Ray cluster's dashboard/state API did not answer within {timeout_s:.0f} s "
                     f"({type(err).__name__}); sweeps need it to free early-stopped trials' "
                     "CPUs: start the head with --include-dashboard=true") from None
             time.sleep(1.0)

@@ -105,6 +105,7 @@ class ReportAggregator(Callback):
         self._pending: set[str] = set()
         self._last_write = -float("inf")   # the first result is written at once
         self._restored = False
+        self._replayed: set[str] = set()   # trials rebuilt from Tune's log after a restore
         # Serialised epochs by (trial_id, epoch) and per-trial summary text: a write
         # re-serialises only what changed since the previous one.
         self._cache: dict[tuple[str, int], _Part] = {}
@@ -120,6 +121,8 @@ class ReportAggregator(Callback):
             self.load_files()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self._restored and trial.trial_id not in self._replayed:
+            self._replay_tune_log(trial)
         record = self._info(trial)
         # A (re)started trial: an error from an earlier attempt no longer describes it.
         record.status, record.error = "RUNNING", None
@@ -147,7 +150,33 @@ class ReportAggregator(Callback):
             status = str(getattr(trial, "status", "") or "")
             if status in ("TERMINATED", "ERROR") and self._info(trial).status != status:
                 self._set_status(trial, status, error_message(trial) if status == "ERROR" else None)
+        # Every file exists at the end, empty tables included (a sweep whose trials all
+        # failed early still has a complete, readable report).
+        self._mark_all()
         self.flush()
+
+    def _replay_tune_log(self, trial: Any) -> None:
+        """After a driver restart, rebuild a resumed trial from Tune's own result log.
+
+        Tune appends each result to the trial's result.json as it arrives, so the log can
+        hold results that neither Tune's saved state nor our last write had yet; the
+        trial's Train run will not send them again (it resumes after its checkpoint).
+        Replayed through the same ingest, the first line (batch 0) resets the trial and
+        the rest rebuild it exactly as it was received.
+        """
+        self._replayed.add(trial.trial_id)
+        path = Path(getattr(trial, "local_path", None) or "", "result.json")
+        if not path.is_file():
+            return
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                # The driver died while writing this line: the rest of the log is whole.
+                logger.warning("report: skipping unreadable line %d of %s", number, path)
+                continue
+            if "batch_losses" in result:
+                self.add_result(trial, result)
 
     def get_state(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "store": self.store.state(),

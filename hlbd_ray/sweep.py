@@ -89,8 +89,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
         trainer.fit()
     except TrainingFailedError as err:
         cause = user_error_in(err)
-        # Re-raised with the first line only: Tune stores it as the trial's error.
-        raise RuntimeError(str(cause) if cause else str(err).strip().splitlines()[-1]) from None
+        if cause is None:
+            raise      # Tune records the Train error, whose last line names the cause
+        # A user error inside a worker (e.g. a refused checkpoint): its one line is enough.
+        raise RuntimeError(str(cause)) from None
 
 
 class SweepStatus(tune.Callback):

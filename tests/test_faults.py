@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from hlbd_ray.report import read_parquet
+
 from .conftest import REPO, RAY_TEST_ENV, run_job
 
 pytestmark = pytest.mark.slow
@@ -28,6 +30,7 @@ def sweep(tmp_path: Path, *overrides: str, timeout: float = 300):
     result = run_job("sweep.py", "--config", SMOKE, f"output_dir={tmp_path}", *TWO_TRIALS,
                      *overrides, timeout=timeout)
     exp = tmp_path / "smoke"
+    assert (exp / "report/trials.parquet").is_file(), result.stderr[-3000:]
     trials = pq.read_table(exp / "report/trials.parquet").to_pylist()
     curves = pq.read_table(exp / "report/curves.parquet").to_pylist()
     return result, {t["trial_id"]: t for t in trials}, curves
@@ -101,7 +104,7 @@ def poll_reports(folder: Path, stop: threading.Event, seen: Counter) -> None:
             if path.name.startswith("."):
                 continue                           # temporary names being written
             if path.suffix == ".parquet":
-                pq.read_table(path)
+                read_parquet(path)          # one open handle pins one version of the file
                 seen["parquet"] += 1
             elif path.suffix == ".json":
                 json.loads(path.read_text(encoding="utf-8"))

@@ -249,6 +249,29 @@ def test_restore_through_tune_state_with_a_replay(tmp_path: Path) -> None:
     same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
 
 
+def test_a_restored_trial_is_rebuilt_from_tunes_result_log(tmp_path: Path) -> None:
+    """The driver died after results reached Tune's log but before any state or file of
+    ours held them; the Train run resumes after its checkpoint and never resends them."""
+    stream = long_stream()
+    log_dir = tmp_path / "tune_trial"
+    log_dir.mkdir()
+    trial = FakeTrial("t", {"lr": 0.01})
+    trial.local_path = str(log_dir)  # type: ignore[attr-defined]
+    agg = ReportAggregator(tmp_path / "restored", 7, every_s=1e9)
+    pickled_at_start = pickle.dumps(agg)
+    run(agg, trial, stream[:3])
+    state = pickle.loads(pickle.dumps(agg.get_state()))      # saved early: 3 reports
+    checkpoint_at = next(i for i, r in enumerate(stream) if r["batch_start"] == 2 * 120)
+    lines = [json.dumps(r) for r in stream[:checkpoint_at]]   # Tune logged up to there
+    (log_dir / "result.json").write_text("\n".join(lines) + '\n{"batch_losses": [1.0, ')
+    agg2 = pickle.loads(pickled_at_start)
+    agg2.set_state(state)
+    agg2.setup()
+    agg2.on_trial_start(0, [trial], trial)
+    run(agg2, trial, stream[checkpoint_at:])                   # resumes after epoch 1
+    same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
+
+
 def test_rebuild_from_parquet_then_continue(tmp_path: Path) -> None:
     stream = long_stream()
     trial = FakeTrial("t", {"lr": 0.01})
