@@ -39,11 +39,21 @@ def preflight(cfg: Config) -> tuple[Config, PreparedData]:
     if cfg.model.factory:
         resolve_factory(cfg.model.factory)
     data = prepare_data(cfg.data, cfg.train.max_len)
+    print(describe_data(data.dataset_stats), flush=True)
     output_dir = str(ensure_writable_dir(cfg.output_dir))
     storage = cfg.storage_path or output_dir
     if "://" not in storage:
         storage = str(ensure_writable_dir(storage))
     return replace(cfg, output_dir=output_dir, storage_path=storage), data
+
+
+def describe_data(stats: dict[str, Any]) -> str:
+    """One line on what the run trains on, truncation included (the reference hid it)."""
+    sources = ", ".join(f["source"] for f in stats["files"])
+    truncated = stats["truncated_train"] + stats["truncated_val"]
+    return (f"data: {stats['train_pairs']} train / {stats['val_pairs']} validation pairs from "
+            f"{sources}; vocabulary {stats['vocab_size']}; max_len {stats['max_len']} cuts "
+            f"{truncated} answers")
 
 
 def make_metrics_callback(path: Path):
