@@ -19,8 +19,12 @@ from hlbd_ray.data import (IGNORE_INDEX, EncodedSplit, Pair, encode_pairs, iter_
 from hlbd_ray.errors import UserError
 from hlbd_ray.tokenizer import CharTokenizer
 
-DATA = Path(__file__).parents[1].parent / "shared/data/hlbd"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"HLBD files not found in {DATA}")
+from .conftest import HLBD_DIR
+
+DATA = HLBD_DIR
+# The real files are part of the test setup (../shared beside the checkout): a missing
+# folder fails these tests through the fixture instead of skipping them.
+needs_data = pytest.mark.usefixtures("hlbd_dir")
 FULL, HARDCORE_V2, HARDCORE_V1 = (str(DATA / n) for n in
                                   ("HLBD_Full_V2.json", "HLBD_Hardcore_Full_V2.json", "HLBD_Hardcore_Full.json"))
 
