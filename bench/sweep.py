@@ -11,11 +11,11 @@ changed; the hook only times calls.
                  / (sweep wall time x concurrent trial slots)
 
 The sweep wall time is `tuner.fit()` (the cluster is already up; its start-up is shown
-apart). The rest of the slot time is split into: trial start-up (trial start seen by
-the driver -> the training loop starts; model build shown apart), validation,
-epoch-end checkpoint + report, periodic reports, other loop work (batching, metrics),
-teardown (last loop event -> trial end seen by the driver) and idle slots (no trial
-running). A report-derived estimate (fw_ms + bw_ms x batches, which leaves out the
+apart). The rest of the slot time is split into trial start-up (launch: trial start seen
+by the driver -> its Train worker imports the training module; import; pre-build:
+config and data; build: `TrainRun.__init__`), validation, epoch-end checkpoint +
+report, periodic reports, other loop work (batching, metrics), teardown (last loop event
+-> trial end seen by the driver) and idle slots (no trial running). A report-derived estimate (fw_ms + bw_ms x batches, which leaves out the
 optimizer) is printed beside the measured step time as a cross-check.
 
     python bench/sweep.py                 # ~5 minutes on 2 cores (8 trials, ~40 s of steps each)
@@ -39,9 +39,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from hlbd_ray.config import Config, load_config  # noqa: E402
 
 TIMELINE_ENV = "BENCH_TIMELINE_DIR"
-# TrainRun method -> what its time counts as.
-TIMED = {"__init__": "build", "fit": "fit", "accumulate": "step", "optimizer_step": "step",
-         "evaluate": "validate", "end_epoch": "epoch_end", "report": "report"}
+TIMED = ("__init__", "fit", "accumulate", "optimizer_step", "evaluate", "end_epoch", "report")
 
 
 # --- the instrumentation, run in every Ray worker process ----------------------------------
@@ -66,8 +64,11 @@ def install_timers() -> None:
             load = spec.loader.exec_module
 
             def exec_module(module: Any) -> None:
+                start = time.time()
                 load(module)
-                wrap_methods(module.TrainRun)
+                log = wrap_methods(module.TrainRun)
+                # A Train worker imports the module when it receives the train function.
+                log.write(json.dumps({"run": None, "what": "import", "start": start, "end": time.time()}) + "\n")
 
             spec.loader.exec_module = exec_module
             return spec
@@ -75,7 +76,7 @@ def install_timers() -> None:
     sys.meta_path.insert(0, PatchOnImport())
 
 
-def wrap_methods(cls: type) -> None:
+def wrap_methods(cls: type) -> Any:
     import functools
 
     log = open(Path(os.environ[TIMELINE_ENV]) / f"{os.getpid()}.jsonl", "a", buffering=1)
@@ -97,6 +98,7 @@ def wrap_methods(cls: type) -> None:
 
     for name in TIMED:
         wrap(name)
+    return log
 
 
 # --- the sweep ----------------------------------------------------------------------------
@@ -190,41 +192,58 @@ def free_port() -> int:
 
 
 def read_timeline(timeline: Path) -> dict[str, list[dict[str, Any]]]:
+    """Events per run; a process's import event goes to the run its TrainRun served
+    (files of processes that never ran a TrainRun, like trial drivers, are skipped)."""
     events: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for file in timeline.glob("*.jsonl"):
-        for line in file.read_text().splitlines():
-            event = json.loads(line)
-            events[event["run"]].append(event)
+        mine = [json.loads(line) for line in file.read_text().splitlines()]
+        runs = {e["run"] for e in mine if e["run"]}
+        for run in runs:
+            events[run].extend(e for e in mine if e["run"] in (run, None))
     return events
 
 
 def account(sweep: dict[str, Any], events: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Seconds of slot time per category, summed over trials, plus idle slot time."""
     parts: dict[str, float] = defaultdict(float)
-    est_fw_bw = 0.0
-    for tid, life in sweep["trials"].items():
+    rows, est_fw_bw = [], 0.0
+    for tid, life in sorted(sweep["trials"].items(), key=lambda item: item[1]["start"]):
         mine = events.get(tid, [])
-        took = defaultdict(float)
+        took: dict[str, float] = defaultdict(float)
         for e in mine:
             took[e["what"]] += e["end"] - e["start"]
         end_of_trial = life.get("end", sweep["end"])
-        if not mine:  # never reached the loop
-            parts["startup"] += end_of_trial - life["start"]
+        loop = [e for e in mine if e["what"] != "import"]
+        if not loop:  # never reached the training loop
+            parts["launch"] += end_of_trial - life["start"]
             continue
-        first = min(e["start"] for e in mine)  # TrainRun.__init__ begins
-        last = max(e["end"] for e in mine)
+        imported = min((e["start"] for e in mine if e["what"] == "import"), default=None)
+        first = min(e["start"] for e in loop)  # TrainRun.__init__ begins
+        last = max(e["end"] for e in loop)
         periodic_reports = took["report"] - sum(  # reports made inside end_epoch are counted there
-            e["end"] - e["start"] for e in mine if e["what"] == "report" and _inside(e, mine, "end_epoch"))
-        parts["startup"] += first - life["start"]
-        parts["build"] += took["__init__"]
-        parts["step"] += took["accumulate"] + took["optimizer_step"]
-        parts["validate"] += took["evaluate"]
-        parts["checkpoint_report"] += took["end_epoch"] - took["evaluate"]
-        parts["report"] += periodic_reports
-        loop = last - first - took["__init__"]
-        parts["other_loop"] += loop - (took["accumulate"] + took["optimizer_step"] + took["end_epoch"]
-                                       + periodic_reports)
-        parts["teardown"] += end_of_trial - last
+            e["end"] - e["start"] for e in loop if e["what"] == "report" and _inside(e, loop, "end_epoch"))
+        row = {
+            "trial": tid, "start": life["start"] - sweep["start"], "end": end_of_trial - sweep["start"],
+            # Trial start -> the worker imports the training module: trial actor, Train
+            # controller, placement group (waiting for a free CPU), worker actor.
+            "launch": (imported if imported is not None else first) - life["start"],
+            "import": took["import"],
+            # Import done -> TrainRun built: config, data from the object store, context.
+            "pre_build": first - (imported + took["import"] if imported is not None else first),
+            "build": took["__init__"],
+            "step": took["accumulate"] + took["optimizer_step"],
+            "validate": took["evaluate"],
+            "checkpoint_report": took["end_epoch"] - took["evaluate"],
+            "report": periodic_reports,
+            "teardown": end_of_trial - last,
+            "epochs": sum(e["what"] == "end_epoch" for e in loop),
+        }
+        row["other_loop"] = (last - first - took["__init__"]) - (
+            row["step"] + took["end_epoch"] + periodic_reports)
+        for key in PARTS:
+            if key != "idle_slots":
+                parts[key] += row[key]
+        rows.append(row)
         est_fw_bw += life.get("fw_bw_s", 0.0)
     wall = sweep["end"] - sweep["start"]
     slot_time = wall * sweep["slots"]
@@ -234,15 +253,15 @@ def account(sweep: dict[str, Any], events: dict[str, list[dict[str, Any]]]) -> d
     lead_in = min((life["start"] for life in lives), default=sweep["end"]) - sweep["start"]
     tail = sweep["end"] - max((life.get("end", sweep["end"]) for life in lives), default=sweep["end"])
     return {"wall_s": wall, "slots": sweep["slots"], "parts": dict(parts), "report_fw_bw_s": est_fw_bw,
-            "step_share": parts["step"] / slot_time, "lead_in_s": lead_in, "tail_s": tail}
+            "step_share": parts["step"] / slot_time, "lead_in_s": lead_in, "tail_s": tail, "rows": rows}
 
 
 def _inside(event: dict[str, Any], events: list[dict[str, Any]], what: str) -> bool:
     return any(o["what"] == what and o["start"] <= event["start"] and event["end"] <= o["end"] for o in events)
 
 
-ORDER = ("step", "startup", "build", "validate", "checkpoint_report", "report", "other_loop",
-         "teardown", "idle_slots")
+PARTS = ("step", "launch", "import", "pre_build", "build", "validate", "checkpoint_report", "report",
+         "other_loop", "teardown", "idle_slots")
 
 
 def print_table(args: argparse.Namespace, sweep: dict[str, Any], r: dict[str, Any]) -> None:
@@ -251,8 +270,14 @@ def print_table(args: argparse.Namespace, sweep: dict[str, Any], r: dict[str, An
           f"{args.epochs} epochs of {args.per_module * 5} generated pairs; {r['slots']} slots; "
           f"sweep wall {r['wall_s']:.1f} s (cluster start {sweep['cluster_s']:.1f} s and data "
           f"{sweep['data_s']:.2f} s before it)")
-    print(f"{'where the slot time goes':28}{'s':>9}{'share':>8}")
-    for key in ORDER:
+    print(f"{'trial':12}{'start':>7}{'launch':>8}{'import':>8}{'pre':>6}{'build':>7}{'steps':>8}"
+          f"{'val':>6}{'ckpt':>6}{'epochs':>7}{'end':>7}   (s; start/end from fit())")
+    for row in r["rows"]:
+        print(f"{row['trial']:12}{row['start']:7.1f}{row['launch']:8.1f}{row['import']:8.1f}{row['pre_build']:6.1f}"
+              f"{row['build']:7.1f}{row['step']:8.1f}{row['validate']:6.1f}{row['checkpoint_report']:6.1f}"
+              f"{row['epochs']:7d}{row['end']:7.1f}")
+    print(f"\n{'where the slot time goes':28}{'s':>9}{'share':>8}")
+    for key in PARTS:
         value = r["parts"].get(key, 0.0)
         print(f"{key:28}{value:9.1f}{value / slot_time:8.1%}")
     print(f"{'total (wall x slots)':28}{slot_time:9.1f}")
@@ -295,6 +320,8 @@ def main() -> None:
         flat = {"step_share": result["step_share"], "wall_s": result["wall_s"], "slots": result["slots"],
                 "trials": len(sweep["trials"]), "report_fw_bw_s": result["report_fw_bw_s"],
                 "lead_in_s": result["lead_in_s"], "tail_s": result["tail_s"],
+                "startup_per_trial_s": sum(result["parts"].get(k, 0.0) for k in ("launch", "import", "pre_build",
+                                                                                 "build")) / len(sweep["trials"]),
                 "cluster_start_s": sweep["cluster_s"], "loadavg_start": load_start[0],
                 "loadavg_end": os.getloadavg()[0],
                 **{f"{k}_s": v for k, v in result["parts"].items()}}

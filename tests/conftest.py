@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,16 @@ MICRO = ["model.d_model=32", "model.num_heads=4", "model.num_layers=2", "model.d
 
 def micro_config(*overrides: str, output_dir: str | Path = "runs") -> Config:
     return load_config(None, [*MICRO, f"output_dir={output_dir}", *overrides])
+
+
+@dataclass
+class FakeTrial:
+    """The attributes of a Tune Trial that the report aggregator reads."""
+
+    trial_id: str
+    config: dict[str, Any] = field(default_factory=dict)
+    status: str = "RUNNING"
+    error_file: str | None = None
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,7 @@ def test_ray_overhead_smoke() -> None:
 @pytest.mark.slow
 def test_sweep_smoke() -> None:
     result = run_smoke("sweep.py")
-    check(result, {"idle_slots_s"}, {"step_share", "wall_s", "step_s", "startup_s"})
+    check(result, {"idle_slots_s"}, {"step_share", "wall_s", "step_s", "launch_s", "startup_per_trial_s"})
     assert result["trials"] == 2 and result["step_share"] < 1.0
 
 

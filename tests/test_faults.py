@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hlbd_ray.report import read_parquet
+from hlbd_ray.tables import read_parquet
 
 from .conftest import REPO, RAY_TEST_ENV, run_job
 

@@ -49,8 +49,6 @@ def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        from ray.job_submission import JobSubmissionClient
-
         client = wait_until(lambda: _client(address), 90, "the job server")
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO),

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,16 +12,12 @@ from hlbd_ray.errors import UserError
 from hlbd_ray.render import find_report_dir, render_report, sort_trials
 from hlbd_ray.report import ReportAggregator
 
+from .conftest import FakeTrial
+
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@dataclass
-class FakeTrial:
-    trial_id: str
-    config: dict[str, Any] = field(default_factory=dict)
-    status: str = "RUNNING"
-    error_file: str | None = None
 
 
 def make_sweep(root: Path) -> ReportAggregator:

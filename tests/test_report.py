@@ -7,7 +7,6 @@ import logging
 import math
 import pickle
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 import hlbd_ray.report as report_mod
-from hlbd_ray.report import (CURVES_SCHEMA, EPOCHS_SCHEMA, TRIALS_SCHEMA, ReportAggregator,
-                             flatten_config, read_parquet)
+import hlbd_ray.tables as tables_mod
+from hlbd_ray.report import ReportAggregator
+from hlbd_ray.tables import (CURVES_SCHEMA, EPOCHS_SCHEMA, TRIALS_SCHEMA, flatten_config,
+                             read_parquet)
+
+from .conftest import FakeTrial
 
 NAN, INF = float("nan"), float("inf")
 
 
-@dataclass
-class FakeTrial:
-    """The attributes of a Tune Trial the aggregator reads."""
-
-    trial_id: str
-    config: dict[str, Any] = field(default_factory=dict)
-    status: str = "RUNNING"
-    error_file: str | None = None
 
 
 class Clock:
@@ -316,7 +311,7 @@ def test_state_is_never_empty_and_pickles(tmp_path: Path) -> None:
 
 def test_write_failure_is_logged_and_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    real = report_mod.atomic_write
+    real = tables_mod.atomic_write
     failures = {"left": 1}
 
     def flaky(path: Path, write: Any, mode: str = "wb") -> Path:
@@ -325,7 +320,7 @@ def test_write_failure_is_logged_and_retried(tmp_path: Path, monkeypatch: pytest
             raise OSError(28, "No space left on device")
         return real(path, write, mode)
 
-    monkeypatch.setattr(report_mod, "atomic_write", flaky)
+    monkeypatch.setattr(tables_mod, "atomic_write", flaky)
     clock = Clock()
     trial = FakeTrial("t")
     agg = ReportAggregator(tmp_path, 10, every_s=10.0, clock=clock)
@@ -347,7 +342,7 @@ def test_write_failure_is_logged_and_retried(tmp_path: Path, monkeypatch: pytest
 
 def test_parquet_failure_keeps_the_target_pending(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    real = report_mod.atomic_write
+    real = tables_mod.atomic_write
     calls = {"n": 0}
 
     def failing_once(path: Path, write: Any, mode: str = "wb") -> Path:
@@ -356,7 +351,7 @@ def test_parquet_failure_keeps_the_target_pending(tmp_path: Path,
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, write, mode)
 
-    monkeypatch.setattr(report_mod, "atomic_write", failing_once)
+    monkeypatch.setattr(tables_mod, "atomic_write", failing_once)
     agg = ReportAggregator(tmp_path, 10, every_s=1e9)
     run(agg, FakeTrial("t"), long_stream(1))
     assert not (tmp_path / "report" / "curves.parquet").exists()
