@@ -9,9 +9,12 @@ One run of N optimizer steps (a small model, tens of ms per step, reporting ever
   `hlbd_ray.cluster.start_ray`'s settings (the single-run job's cluster);
 - tune:   a one-trial sweep through `hlbd_ray.sweep.build_tuner` (grid search over one
   architecture and one learning rate, FIFO), i.e. the sweep's own trial driver running
-  the same TorchTrainer.
+  the same TorchTrainer;
+- tune_fn: not a path the package has: the same `TrainRun` run directly inside a plain
+  Tune function trainable (a small session adapter written here), to show what a
+  one-worker trial would cost without the TorchTrainer layer.
 
-All three train the same model from the same seed on the same batches. Each report is
+All four train the same model from the same seed on the same batches. Each report is
 stamped with the wall clock where it lands (the session, a Train callback in the
 controller, a Tune callback in the driver). Steady-state throughput is the tokens of the
 batches between the second and the last periodic report over the time between their
@@ -21,7 +24,7 @@ time from `fit()` to the first report, minus the direct run's own time to its fi
 report (model build and the first window of steps), shown both ways. Teardown is the
 time from the last report (validation and checkpoint done) until `fit()` returns.
 
-Repeats alternate the order (direct, train, tune / tune, train, direct ...) and Ray is
+Repeats alternate the order (direct, train, tune, tune_fn / tune_fn, tune, train, direct) and Ray is
 started and stopped around the Ray variants of each repeat.
 
     python bench/ray_overhead.py              # ~5 minutes on 2 cores
@@ -44,12 +47,12 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from hlbd_ray.config import Config, load_config  # noqa: E402
+from hlbd_ray.config import Config, from_dict, load_config, to_dict  # noqa: E402
 from hlbd_ray.data import PreparedData, iter_batches, num_batches, prepare_data  # noqa: E402
 from hlbd_ray.session import LocalSession  # noqa: E402
 from hlbd_ray.train import TrainRun  # noqa: E402
 
-VARIANTS = ("direct", "train", "tune")
+VARIANTS = ("direct", "train", "tune", "tune_fn")
 Stamped = list[tuple[float, dict[str, Any]]]  # (wall clock at arrival, report)
 Timed = tuple[float, Stamped, float]  # (fit() called, stamped reports, fit() returned)
 
@@ -116,27 +119,79 @@ def run_train(cfg: Config, data_ref: Any, out: Path, name: str) -> Timed:
     return start, [(line["t"], line["m"]) for line in lines], end
 
 
-def run_tune(cfg: Config, data_ref: Any, out: Path, name: str) -> Timed:
-    import ray
+def stamp_tune_callback(stamped: Stamped) -> Any:
+    """A Tune callback (it runs in this driver) stamping every trial result."""
     from ray import tune
-
-    from hlbd_ray.sweep import build_tuner, plan_resources
-
-    stamped: Stamped = []
 
     class Stamp(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             stamped.append((time.time(), dict(result)))
 
-    cfg = replace(cfg, storage_path=str(out), sweep=replace(cfg.sweep, name=name))
-    resources = plan_resources(cfg, ray.cluster_resources())
-    tuner = build_tuner(cfg, data_ref, resources, [Stamp()])
+    return Stamp()
+
+
+def fit_tuner(tuner: Any, stamped: Stamped) -> Timed:
     start = time.time()
     results = tuner.fit()
     end = time.time()
     if results.errors:
         raise RuntimeError(f"the tune trial failed: {results.errors[0]}")
     return start, stamped, end
+
+
+def run_tune(cfg: Config, data_ref: Any, out: Path, name: str) -> Timed:
+    import ray
+
+    from hlbd_ray.sweep import build_tuner, plan_resources
+
+    stamped: Stamped = []
+    cfg = replace(cfg, storage_path=str(out), sweep=replace(cfg.sweep, name=name))
+    resources = plan_resources(cfg, ray.cluster_resources())
+    return fit_tuner(build_tuner(cfg, data_ref, resources, [stamp_tune_callback(stamped)]), stamped)
+
+
+class TuneSession:
+    """The session interface on Tune's function API: one worker, on the CPU."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self) -> None:
+        import torch
+        from ray import tune
+
+        self.tune, self.device = tune, torch.device("cpu")
+        self.run_name = tune.get_context().get_trial_id()
+
+    def restore(self, load: Any) -> Any:
+        checkpoint = self.tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load(Path(folder))
+
+    def prepare_model(self, model: Any) -> Any:
+        return model
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Any = None) -> None:
+        checkpoint = self.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self.tune.report(metrics, checkpoint=checkpoint)
+
+
+def tune_function(params: dict[str, Any], cfg: dict[str, Any], data: list[Any]) -> None:
+    import ray
+
+    TrainRun(from_dict(cfg), ray.get(data[0]), TuneSession()).fit()
+
+
+def run_tune_fn(cfg: Config, data_ref: Any, out: Path, name: str) -> Timed:
+    from ray import tune
+
+    stamped: Stamped = []
+    trainable = tune.with_resources(tune.with_parameters(tune_function, cfg=to_dict(cfg), data=[data_ref]),
+                                    {"cpu": cfg.train.cpus_per_worker})
+    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1), run_config=tune.RunConfig(
+        name=name, storage_path=str(out), verbose=0, callbacks=[stamp_tune_callback(stamped)]))
+    return fit_tuner(tuner, stamped)
 
 
 def free_port() -> int:
@@ -191,7 +246,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, list[dict[str, flo
         reverse = repeat % 2 == 1  # direct, train, tune; then tune, train, direct
         if not reverse:
             record(repeat, "direct", *run_direct(cfg, data, out / f"direct-{repeat}"))
-        run_on_ray(cfg, data, out, repeat, ("tune", "train") if reverse else ("train", "tune"), record)
+        ray_variants = VARIANTS[1:]
+        run_on_ray(cfg, data, out, repeat, ray_variants[::-1] if reverse else ray_variants, record)
         if reverse:
             record(repeat, "direct", *run_direct(cfg, data, out / f"direct-{repeat}"))
     return found
@@ -215,9 +271,9 @@ def run_on_ray(cfg: Config, data: PreparedData, out: Path, repeat: int, order: t
              runtime_env={"env_vars": env} if env else None)
     try:
         data_ref = ray.put(data)
+        runners = {"train": run_train, "tune": run_tune, "tune_fn": run_tune_fn}
         for variant in order:
-            runner = run_train if variant == "train" else run_tune
-            record(repeat, variant, *runner(cfg, data_ref, out, f"{variant}-{repeat}"))
+            record(repeat, variant, *runners[variant](cfg, data_ref, out, f"{variant}-{repeat}"))
     finally:
         ray.shutdown()
 
@@ -234,15 +290,15 @@ def summarise(found: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     for v in VARIANTS:
         for key in ("tokens_per_s", "reported_tokens_per_s", "startup_s", "teardown_s", "total_s"):
             r[f"{v}_{key}"] = med(v, key)
-    r["train_overhead_ratio"] = paired("train", "tokens_per_s")
-    r["tune_overhead_ratio"] = paired("tune", "tokens_per_s")
-    r["train_reported_ratio"] = paired("train", "reported_tokens_per_s")
-    r["tune_reported_ratio"] = paired("tune", "reported_tokens_per_s")
+    for v in VARIANTS[1:]:
+        r[f"{v}_overhead_ratio"] = paired(v, "tokens_per_s")
+        r[f"{v}_reported_ratio"] = paired(v, "reported_tokens_per_s")
     # Per trial: the Tune trial's fit() to first report, raw and net of the work the
     # direct run also does before its first report.
     r["startup_s"] = r["tune_startup_s"]
     r["startup_net_s"] = r["tune_startup_s"] - direct_first
     r["train_startup_net_s"] = r["train_startup_s"] - direct_first
+    r["tune_fn_startup_net_s"] = r["tune_fn_startup_s"] - direct_first
     return r
 
 
@@ -257,7 +313,8 @@ def print_table(args: argparse.Namespace, r: dict[str, Any]) -> None:
         print(f"{v:8}{r[f'{v}_tokens_per_s']:10.0f}{ratio:8.3f}{r[f'{v}_reported_tokens_per_s']:16.0f}"
               f"{rep_ratio:8.3f}{r[f'{v}_startup_s']:17.2f}{r[f'{v}_teardown_s']:12.2f}{r[f'{v}_total_s']:9.2f}")
     print(f"start-up per trial (tune, fit() to first report): {r['startup_s']:.2f} s raw, "
-          f"{r['startup_net_s']:.2f} s beyond the direct run's; train alone {r['train_startup_net_s']:.2f} s")
+          f"{r['startup_net_s']:.2f} s beyond the direct run's; train alone {r['train_startup_net_s']:.2f} s, "
+          f"a plain Tune function {r['tune_fn_startup_net_s']:.2f} s")
 
 
 def parse_args() -> argparse.Namespace:

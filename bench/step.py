@@ -20,7 +20,7 @@ comparing speed and loss.
 Only torch (plus numpy, omegaconf, tqdm for the package) is needed: nothing here
 imports Ray.
 
-    python bench/step.py                      # full size, ~10 minutes on 2 cores
+    python bench/step.py                      # full size: 3 minutes on 2 idle cores, more under load
     python bench/step.py --smoke --json       # seconds
     python bench/step.py --device cuda --variants ours_bf16 --curve-steps 0
 """

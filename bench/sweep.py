@@ -1,8 +1,10 @@
 """Benchmark: where the wall time of a small sweep goes.
 
 An 8-trial sweep of short trials on a 2-CPU local cluster, run the way `run_sweep_job`
-runs it (same cluster settings, `plan_resources`, `build_tuner`, the report aggregator,
-the status line, `finish`), with one addition: a worker setup hook that wraps
+runs it (`preflight`, start_ray's settings, `plan_resources`, `build_tuner`, the report
+aggregator, the status line, `finish`; the cluster is always a new one on a free
+dashboard port, as other clusters may run on the machine), with one addition: a worker
+setup hook that wraps
 `TrainRun`'s methods in every Ray worker process and appends one line per call (run
 name, what, start, end; wall clock) to a file per process. Nothing in the package is
 changed; the hook only times calls.
@@ -15,10 +17,11 @@ apart). The rest of the slot time is split into trial start-up (launch: trial st
 by the driver -> its Train worker imports the training module; import; pre-build:
 config and data; build: `TrainRun.__init__`), validation, epoch-end checkpoint +
 report, periodic reports, other loop work (batching, metrics), teardown (last loop event
--> trial end seen by the driver) and idle slots (no trial running). A report-derived estimate (fw_ms + bw_ms x batches, which leaves out the
-optimizer) is printed beside the measured step time as a cross-check.
+-> trial end seen by the driver) and idle slots (no trial running). A report-derived
+estimate (fw_ms + bw_ms x batches, which leaves out the optimizer) is printed beside the
+measured step time as a cross-check.
 
-    python bench/sweep.py                 # ~5 minutes on 2 cores (8 trials, ~40 s of steps each)
+    python bench/sweep.py                 # ~4-5 minutes on 2 cores (8 trials, up to ~50 s of steps each)
     python bench/sweep.py --smoke --json
 """
 

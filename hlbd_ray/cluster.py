@@ -63,12 +63,16 @@ def require_state_api(timeout_s: float = 90.0) -> None:
     by a cleaner that asks the state API whether the run's controller is gone. Without
     it the CPUs are never freed and the next trials wait forever.
     """
+    import ray
     from ray.util.state import list_nodes
 
+    # Our own cluster's address: without it the state client refuses to choose when
+    # another Ray instance runs on the machine.
+    address = ray.get_runtime_context().gcs_address
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            list_nodes(limit=1, timeout=5, raise_on_missing_output=False)
+            list_nodes(address=address, limit=1, timeout=5, raise_on_missing_output=False)
             return
         except Exception as err:  # the dashboard may still be starting (slowly, on a busy
             # machine): retry, then refuse

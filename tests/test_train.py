@@ -134,3 +134,14 @@ def test_norms_biases_and_embeddings_are_not_decayed(tmp_path, micro_data):
     assert embeddings and embeddings <= {id(p) for p in no_decay["params"]}
     assert all(p.ndim >= 2 for p in decay["params"])
     assert all(p.ndim < 2 or id(p) in embeddings for p in no_decay["params"])
+
+
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_native_bf16():
+    from hlbd_ray.train import cpu_has_fast_bf16, resolve_precision
+
+    assert cpu_has_fast_bf16("flags\t\t: fpu sse avx512f avx512_bf16 avx2\n")
+    assert cpu_has_fast_bf16("flags\t\t: fpu amx_tile amx_bf16\n")
+    assert not cpu_has_fast_bf16("flags\t\t: fpu sse avx2 avx512f\nmodel name : amx_bf16 lookalike\n")
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if cpu_has_fast_bf16() else "fp32")
