@@ -46,7 +46,10 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
+from hlbd_ray.config import ReportConfig
 from hlbd_ray.report import ReportAggregator
+
+DEPLOYED_EVERY_S = ReportConfig().every_s
 
 
 @dataclass
@@ -145,12 +148,27 @@ class RebuildReference:
 
 def run_ours(stream: Iterator[tuple[int, dict]], trials: list[StandInTrial], out: Path,
              points: int, write_every: int, stats: dict, total: int) -> list[float]:
+    """The aggregator on the rebuild's schedule: a simulated clock ticks once per report."""
     ticks = [0.0]
     agg = ReportAggregator(out, points, every_s=write_every, dataset_stats=stats,
                            clock=lambda: ticks[0])
+    return _feed(agg, stream, trials, total, ticks)
+
+
+def run_ours_deployed(stream: Iterator[tuple[int, dict]], trials: list[StandInTrial], out: Path,
+                      points: int, write_every: int, stats: dict, total: int) -> list[float]:
+    """The aggregator as a sweep runs it: the real clock and the default 10 s interval
+    (plus every trial end and the experiment end), however fast the results come."""
+    agg = ReportAggregator(out, points, every_s=DEPLOYED_EVERY_S, dataset_stats=stats)
+    return _feed(agg, stream, trials, total, None)
+
+
+def _feed(agg: ReportAggregator, stream: Iterator[tuple[int, dict]], trials: list[StandInTrial],
+          total: int, ticks: list[float] | None) -> list[float]:
     durations = _timed(agg, "flush")
     for t, report in stream:
-        ticks[0] += 1.0   # one tick per report: a write every `write_every` reports
+        if ticks is not None:
+            ticks[0] += 1.0   # one tick per report: a write every `write_every` reports
         agg.on_trial_result(0, trials, trials[t], report)
         if report["batch"] == total:
             agg.on_trial_complete(0, trials, trials[t])
@@ -244,6 +262,7 @@ def main() -> None:
         args.trials, args.epochs, args.batches = 2, 3, 400
     args.write_every = args.write_every or args.trials
     losses = make_losses(args.trials, args.epochs, args.batches)
+    deployed = measure(run_ours_deployed, args, losses, memory=False)
     ours = measure(run_ours, args, losses, memory=False)
     ref = measure(run_rebuild, args, losses, memory=False)
     mem_ours = mem_ref = {"peak_mb": math.nan}
@@ -253,8 +272,12 @@ def main() -> None:
     result = {
         "trials": args.trials, "epochs": args.epochs, "batches_per_epoch": args.batches,
         "report_batches": args.report_batches, "write_every_reports": args.write_every,
+        # Each side as designed: ours every 10 s of real time, the rebuild at every report.
+        "cpu_s_ours_deployed": deployed["cpu_s"], "writes_ours_deployed": deployed["writes"],
+        "cpu_ratio_vs_rebuild": ref["cpu_s"] / deployed["cpu_s"],
+        # Both on the rebuild's schedule: what one write costs each side.
         "cpu_s_ours": ours["cpu_s"], "cpu_s_rebuild": ref["cpu_s"],
-        "cpu_ratio_vs_rebuild": ref["cpu_s"] / ours["cpu_s"],
+        "cpu_ratio_same_schedule": ref["cpu_s"] / ours["cpu_s"],
         "peak_mem_ours_mb": mem_ours["peak_mb"], "peak_mem_rebuild_mb": mem_ref["peak_mb"],
         "writes_ours": ours["writes"], "writes_rebuild": ref["writes"],
         "write_ms_p50": ours["p50"], "write_ms_p95": ours["p95"],
@@ -269,6 +292,11 @@ def main() -> None:
 def print_table(r: dict[str, Any]) -> None:
     print(f"{r['trials']} trials x {r['epochs']} epochs x {r['batches_per_epoch']} batches, "
           f"{r['report_batches']} batches per report, a write every {r['write_every_reports']} reports")
+    print(f"as deployed (ours: a write every {DEPLOYED_EVERY_S:g} s of real time and at every "
+          f"trial end; rebuild: at every report): ours {r['cpu_s_ours_deployed']:.3f} CPU s in "
+          f"{r['writes_ours_deployed']} writes, rebuild {r['cpu_s_rebuild']:.3f} CPU s -> "
+          f"{r['cpu_ratio_vs_rebuild']:.1f}x")
+    print("on the same schedule (a write every round of reports, both sides):")
     print(f"{'':22}{'ours':>12}{'rebuild':>12}{'ratio':>10}")
     rows = (("CPU s", "cpu_s_ours", "cpu_s_rebuild"),
             ("peak memory MiB", "peak_mem_ours_mb", "peak_mem_rebuild_mb"),

@@ -100,11 +100,18 @@ class SweepStatus(tune.Callback):
 
     def __init__(self, metric: str, mode: str, every_s: float = 10.0):
         self.metric, self.mode, self.every_s = metric, mode, every_s
+        self.best: dict[str, float] = {}      # each trial's best metric so far
         self.last_print = self.started = time.monotonic()
 
     def setup(self, **info: Any) -> None:
         # Also runs after a restore, where this object comes back from the tuner's pickle.
         self.last_print = self.started = time.monotonic()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        value = result.get(self.metric)
+        if value is not None and better(value, self.best.get(trial.trial_id), self.mode):
+            self.best[trial.trial_id] = value
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self.last_print >= self.every_s:
@@ -118,24 +125,32 @@ class SweepStatus(tune.Callback):
 
     def print_line(self, trials: list) -> None:
         self.last_print = time.monotonic()
-        print(status_line(trials, self.metric, self.mode, time.monotonic() - self.started), flush=True)
+        print(status_line(trials, self.best, self.metric, self.mode,
+                          time.monotonic() - self.started), flush=True)
 
 
-def status_line(trials: list, metric: str, mode: str, elapsed: float) -> str:
+def better(value: float, than: float | None, mode: str) -> bool:
+    return than is None or (value < than if mode == "min" else value > than)
+
+
+def status_line(trials: list, best: dict[str, float], metric: str, mode: str,
+                elapsed: float) -> str:
     counts = {"TERMINATED": 0, "RUNNING": 0, "PENDING": 0, "ERROR": 0, "PAUSED": 0}
-    best_value, best_trial = None, None
     for trial in trials:
         counts[trial.status] = counts.get(trial.status, 0) + 1
-        value = (trial.last_result or {}).get(metric)
-        if value is not None and (best_value is None or (value < best_value) == (mode == "min")):
-            best_value, best_trial = value, trial
-    best = "no result yet"
-    if best_trial is not None:
-        cfg = best_trial.config
-        best = f"best {metric} {best_value:.4f} ({best_trial.trial_id}: {cfg[ARCH_KEY]}, lr {cfg[LR_KEY]:.2e})"
+    leader = None
+    for trial in trials:
+        value = best.get(trial.trial_id)
+        if value is not None and (leader is None or better(value, best[leader.trial_id], mode)):
+            leader = trial
+    summary = "no result yet"
+    if leader is not None:
+        cfg = leader.config
+        summary = (f"best {metric} {best[leader.trial_id]:.4f} "
+                   f"({leader.trial_id}: {cfg[ARCH_KEY]}, lr {cfg[LR_KEY]:.2e})")
     minutes, seconds = divmod(int(elapsed), 60)
     return (f"[sweep {minutes:02d}:{seconds:02d}] {counts['TERMINATED']} done, {counts['ERROR']} errored, "
-            f"{counts['RUNNING']} running, {counts['PENDING'] + counts['PAUSED']} pending | {best}")
+            f"{counts['RUNNING']} running, {counts['PENDING'] + counts['PAUSED']} pending | {summary}")
 
 
 def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks: list[Any]):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = {"cpu_ratio_vs_rebuild", "peak_mem_ours_mb", "peak_mem_rebuild_mb", "write_ms_p50",
+KEYS = {"cpu_ratio_vs_rebuild", "cpu_ratio_same_schedule", "peak_mem_ours_mb", "peak_mem_rebuild_mb", "write_ms_p50",
         "write_ms_p95", "cpu_s_ours", "cpu_s_rebuild", "writes_ours", "writes_rebuild"}
 
 

@@ -16,7 +16,7 @@ import ray
 
 from hlbd_ray.config import load_config
 from hlbd_ray.errors import EXIT_USER_ERROR, UserError, run_cli
-from hlbd_ray.sweep import DRIVER_CPU, main, plan_resources, status_line, trial_config
+from hlbd_ray.sweep import DRIVER_CPU, SweepStatus, main, plan_resources, status_line, trial_config
 
 from .conftest import REPO, RAY_TEST_ENV, run_job
 
@@ -62,17 +62,20 @@ def test_a_trial_config_decodes_its_architecture_and_lr():
     assert (cfg.model.d_model, cfg.model.num_heads, cfg.train.lr) == (32, 2, 0.01)
 
 
-def test_status_line_counts_trials_and_names_the_best():
+def test_status_line_counts_trials_and_names_the_best_so_far():
     class T:
-        def __init__(self, tid, status, val):
+        def __init__(self, tid, status):
             self.trial_id, self.status = tid, status
-            self.last_result = {"val_loss": val} if val is not None else {}
             self.config = {"arch": "32x4", "lr": 1e-3}
 
-    trials = [T("a", "TERMINATED", 2.0), T("b", "RUNNING", 1.5), T("c", "PENDING", None),
-              T("d", "ERROR", None)]
-    line = status_line(trials, "val_loss", "min", 75)
+    trials = [T("a", "TERMINATED"), T("b", "RUNNING"), T("c", "PENDING"), T("d", "ERROR")]
+    status = SweepStatus("val_loss", "min")
+    for tid, value in [("a", 2.0), ("b", 1.5), ("b", 1.9), ("c", None)]:
+        status.on_trial_result(0, trials, next(t for t in trials if t.trial_id == tid),
+                               {"val_loss": value})
+    line = status_line(trials, status.best, "val_loss", "min", 75)
     assert "[sweep 01:15] 1 done, 1 errored, 1 running, 1 pending" in line
+    # b's later, worse value does not hide its best one.
     assert "best val_loss 1.5000 (b: 32x4" in line
 
 
