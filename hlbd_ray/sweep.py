@@ -20,10 +20,11 @@ from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import require_state_api, start_ray
 from hlbd_ray.config import Config, check_heads, from_dict, to_dict, to_yaml
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
-from hlbd_ray.metrics import finite_or_none
 from hlbd_ray.files import atomic_write_json, atomic_write_text
+from hlbd_ray.metrics import finite_or_none
 from hlbd_ray.run import build_trainer, preflight, storage_join, user_error_in
-from hlbd_ray.search import ARCH_KEY, LR_KEY, build_scheduler, build_searcher, check_space, decode_arch, param_space
+from hlbd_ray.search import (ARCH_KEY, LR_KEY, build_scheduler, build_searcher, check_space,
+                             decode_arch, param_space)
 
 # The per-trial driver actor only waits on its Train run; it gets a sliver of a CPU so
 # that trials never hold the CPUs their own workers need (the few-CPU deadlock).
@@ -33,7 +34,6 @@ DRIVER_CPU = 0.01
 @dataclass(frozen=True)
 class TrialResources:
     worker_cpu: float        # what each Train worker asks for
-    worker_gpu: float
     max_concurrent: int
 
 
@@ -64,7 +64,7 @@ def plan_resources(cfg: Config, cluster: dict[str, float]) -> TrialResources:
     if wanted > capacity:
         print(f"note: sweep.max_concurrent_trials={wanted} lowered to {capacity}, "
               f"what the cluster can run at once", file=sys.stderr)
-    return TrialResources(worker_cpu, t.gpus_per_worker, min(wanted, capacity))
+    return TrialResources(worker_cpu, min(wanted, capacity))
 
 
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
@@ -184,6 +184,10 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
 def run_sweep_job(cfg: Config) -> int:
     """Validate everything that can be checked without Ray, then run (or resume) the sweep."""
     check_space(cfg.sweep)
+    if cfg.sweep.space.lr_min < cfg.train.min_lr:
+        # The schedule's floor would then lie above the sampled learning rate.
+        raise UserError(f"sweep.space.lr_min={cfg.sweep.space.lr_min} is below "
+                        f"train.min_lr={cfg.train.min_lr}")
     cfg, data = preflight(cfg)
     report_dir = Path(cfg.output_dir) / cfg.sweep.name
     import ray

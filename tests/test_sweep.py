@@ -86,6 +86,7 @@ def test_status_line_counts_trials_and_names_the_best_so_far():
     (["sweep.space.d_model=[256]", "sweep.space.num_heads=[3,7]"], "no valid pair"),
     (["sweep.search=bayes"], "sweep.search"),
     (["sweep.space.lr_min=0"], "lr_min"),
+    (["sweep.space.lr_min=1e-6"], "below train.min_lr"),
 ])
 def test_invalid_spaces_exit_2_without_starting_ray(tmp_path, capsys, overrides, fragment):
     code = run_cli(main, ["--config", SMOKE, f"output_dir={tmp_path}", *overrides])
