@@ -149,3 +149,64 @@ def test_a_killed_driver_resumes_and_report_files_are_whole_at_every_moment(tmp_
     curves = pq.read_table(report / "curves.parquet").to_pylist()
     for trial in trials:
         assert_curves_complete(curves, trial["trial_id"], epochs=4, epoch_batches=12)
+
+
+def train_worker_pids() -> list[int]:
+    """Processes Ray titled as Train workers (Ray rewrites their command line)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue       # the process ended while we looked
+    return pids
+
+
+def test_a_worker_killed_from_outside_mid_epoch_is_replaced_and_nothing_is_lost(tmp_path):
+    import time
+
+    args = [sys.executable, str(REPO / "jobs/sweep.py"), "--config", SMOKE, f"output_dir={tmp_path}",
+            *TWO_TRIALS, "sweep.space.num_heads=[4]", "train.epochs=4", "model.d_model=64",
+            "data.generated_per_module=150", "train.batch_size=8"]
+    started = time.time()
+    driver = subprocess.Popen(args, cwd=REPO, env={**os.environ, **RAY_TEST_ENV},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    exp = tmp_path / "smoke"
+
+    # Tune's own result log (one flushed line per result) in the driver's staging folder,
+    # which reaches output_dir only at Tune's periodic syncs.
+    staging = Path("/tmp/ray/session_latest/artifacts")
+
+    def mid_second_epoch() -> bool:
+        """Past epoch 1's first report, so after the epoch-0 checkpoint."""
+        for log in staging.glob("*/smoke/driver_artifacts/*/result.json"):
+            if log.stat().st_mtime < started:
+                continue                 # an earlier run's session
+            lines = log.read_text().splitlines()
+            if lines and json.loads(lines[-1]).get("epoch") == 1:
+                return True
+        return False
+
+    deadline = time.monotonic() + 240
+    while not mid_second_epoch():
+        assert time.monotonic() < deadline and driver.poll() is None, "training never got going"
+        time.sleep(0.1)
+    victims = train_worker_pids()
+    assert victims, "no Train worker process found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 0, err[-3000:]
+    assert not set(victims) & set(train_worker_pids())
+    (trial,) = pq.read_table(exp / "report/trials.parquet").to_pylist()
+    assert trial["status"] == "TERMINATED" and trial["epochs"] == 4
+    epoch_batches = trial["batches"] // 4
+    assert trial["step"] == trial["batches"]            # numbering continued, no restart at 0
+    curves = pq.read_table(exp / "report/curves.parquet").to_pylist()
+    assert_curves_complete(curves, trial["trial_id"], epochs=4, epoch_batches=epoch_batches)
+    # The kill really interrupted the run: Tune saw a result of epoch 1 twice (the replay).
+    results = [json.loads(x) for x in next(exp.glob("*/result.json")).read_text().splitlines()]
+    starts = [r["batch_start"] for r in results if r["epoch"] == 1]
+    assert len(starts) != len(set(starts))
