@@ -171,8 +171,9 @@ def test_a_worker_killed_from_outside_mid_epoch_is_replaced_and_nothing_is_lost(
             *TWO_TRIALS, "sweep.space.num_heads=[4]", "train.epochs=4", "model.d_model=64",
             "data.generated_per_module=150", "train.batch_size=8"]
     started = time.time()
+    log_file = (tmp_path / "driver.log").open("w")    # a pipe left unread could fill and block
     driver = subprocess.Popen(args, cwd=REPO, env={**os.environ, **RAY_TEST_ENV},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=log_file, stderr=subprocess.STDOUT)
     exp = tmp_path / "smoke"
 
     # Tune's own result log (one flushed line per result) in the driver's staging folder,
@@ -197,8 +198,9 @@ def test_a_worker_killed_from_outside_mid_epoch_is_replaced_and_nothing_is_lost(
     assert victims, "no Train worker process found"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
-    out, err = driver.communicate(timeout=300)
-    assert driver.returncode == 0, err[-3000:]
+    driver.wait(timeout=300)
+    log_file.close()
+    assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]
     assert not set(victims) & set(train_worker_pids())
     (trial,) = pq.read_table(exp / "report/trials.parquet").to_pylist()
     assert trial["status"] == "TERMINATED" and trial["epochs"] == 4
