@@ -85,3 +85,11 @@ def test_data_smoke(hlbd_dir: Path) -> None:
     result = run_smoke("data.py")
     check(result, set(), {"load_s", "per_trial_get_ms", "per_trial_reread_s"})
     assert result["pairs"] == 10_042
+
+
+@pytest.mark.slow
+def test_load_smoke() -> None:
+    result = run_smoke("load.py", timeout=400)
+    assert result["all_rows"] is True and result["trials"] == [2, 4]
+    check({"growth": result["rss_growth_mb_per_trial"], "peak": max(result["peak_rss_mb"])},
+          {"growth"}, {"peak"})
