@@ -237,7 +237,7 @@ class TrainRun:
                     break
                 # The epoch's last step is reported by end_epoch, with validation.
                 if self.progress.step % self.t.report_every == 0 and not self._epoch_done():
-                    self.report(epoch_end=False)
+                    self.report()
 
     def _epoch_done(self) -> bool:
         return self.progress.batch >= (self.progress.epoch + 1) * self.epoch_batches
@@ -357,8 +357,9 @@ class TrainRun:
             save_checkpoint(folder, self._state() if self.rank == 0 else None, self.rank)
             self._send(metrics, folder)
 
-    def report(self, epoch_end: bool = False) -> None:
-        self._send(self._window_metrics(epoch_end))
+    def report(self) -> None:
+        """A periodic report: the window since the last one, no validation, no checkpoint."""
+        self._send(self._window_metrics(epoch_end=False))
 
     def _send(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         self.session.report(metrics, checkpoint_dir)
