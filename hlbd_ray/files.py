@@ -44,12 +44,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, text + "\n")
 
 
-def atomic_write_parquet(path: str | os.PathLike, table: Any) -> Path:
-    import pyarrow.parquet as pq
-
-    return atomic_write(path, lambda f: pq.write_table(table, f))
-
-
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     import torch
 
