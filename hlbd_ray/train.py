@@ -347,9 +347,7 @@ class TrainRun:
         """Validate, record the epoch, checkpoint and report (the report carries the checkpoint)."""
         p = self.progress
         p.val = self.evaluate()
-        epoch_loss = all_reduce_sums([self.epoch_counts.loss_sum, self.epoch_counts.tokens])
-        p.history.append({"epoch": p.epoch, "epoch_loss": finite_or_none(
-            epoch_loss[0] / epoch_loss[1]) if epoch_loss[1] else None, "step": p.step, **p.val})
+        p.history.append({"epoch": p.epoch, "epoch_loss": self._epoch_loss(), "step": p.step, **p.val})
         p.epoch += 1
         metrics = self._window_metrics(epoch_end=True)
         p.last_metrics = {k: v for k, v in metrics.items() if k != "batch_losses"}
@@ -365,20 +363,23 @@ class TrainRun:
         self.session.report(metrics, checkpoint_dir)
         self.window, self.window_start = Window(), time.perf_counter()
 
+    def _epoch_loss(self) -> float | None:
+        """Token-mean training loss of the epoch so far, over all workers (a collective)."""
+        loss_sum, tokens = all_reduce_sums([self.epoch_counts.loss_sum, self.epoch_counts.tokens])
+        return finite_or_none(loss_sum / tokens) if tokens else None
+
     def _window_metrics(self, epoch_end: bool) -> dict[str, Any]:
         """The window's metrics (same keys every time, plain Python values)."""
         w, p = self.window.reduced(), self.progress
-        epoch_sum, epoch_tokens = all_reduce_sums([self.epoch_counts.loss_sum, self.epoch_counts.tokens])
         elapsed = time.perf_counter() - self.window_start
         n = max(w.batches, 1)
-        last_epoch = p.history[-1] if p.history else {}
         return {
             "epoch": p.epoch - 1 if epoch_end else p.epoch,
             "epochs_done": p.epoch, "step": p.step, "batch": p.batch,
             "batch_start": p.batch - w.batches, "batch_losses": w.batch_losses(),
             "epoch_batches": self.epoch_batches, "epoch_end": epoch_end,
-            "epoch_loss": last_epoch.get("epoch_loss") if epoch_end else
-            (finite_or_none(epoch_sum / epoch_tokens) if epoch_tokens else None),
+            # At the epoch's end, end_epoch has just reduced it into the history.
+            "epoch_loss": p.history[-1]["epoch_loss"] if epoch_end else self._epoch_loss(),
             "loss": w.counts.loss, "ppl": perplexity(w.counts.loss), "acc": w.counts.acc,
             "lr": float(self.scheduler.get_last_lr()[0]),
             "grad_norm": finite_or_none(sum(w.grad_norms) / len(w.grad_norms)) if w.grad_norms else None,
