@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hlbd_ray.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ATTENTION_KINDS = ("standard", "autopoietic")
 
 
 @dataclass
@@ -242,20 +243,26 @@ def _positive(**values: float) -> None:
         _require(value > 0 and math.isfinite(value), f"{key} must be > 0, got {value}")
 
 
+def check_model(m: Any) -> None:
+    """The model's own invariants, for a ModelConfig and for a ModelSpec (which a
+    checkpoint may bring back), so that no impossible shape reaches the model code."""
+    _positive(**{f"model.{key}": getattr(m, key) for key in ("d_model", "num_layers", "d_ff")})
+    check_heads(m.d_model, m.num_heads)
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(m.attention in ATTENTION_KINDS, f"model.attention must be "
+             f"{' or '.join(repr(kind) for kind in ATTENTION_KINDS)}, got {m.attention!r}")
+
+
 def validate(cfg: Config) -> None:
     """Refuse impossible values with one line naming the key; the sweep adds its own."""
     m, d, t = cfg.model, cfg.data, cfg.train
-    _positive(**{"model.d_model": m.d_model, "model.num_layers": m.num_layers,
-                 "model.d_ff": m.d_ff, "train.lr": t.lr, "train.epochs": t.epochs,
+    check_model(m)
+    _positive(**{"train.lr": t.lr, "train.epochs": t.epochs,
                  "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                  "train.max_len": t.max_len, "train.report_every": t.report_every,
                  "train.num_workers": t.num_workers, "train.restart_steps": t.restart_steps,
                  "data.max_vocab": d.max_vocab, "report.points_per_epoch": cfg.report.points_per_epoch,
                  "report.every_s": cfg.report.every_s})
-    check_heads(m.d_model, m.num_heads)
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    _require(m.attention in ("standard", "autopoietic"),
-             f"model.attention must be 'standard' or 'autopoietic', got {m.attention!r}")
     _require(t.loss_on in ("answer", "all"), f"train.loss_on must be 'answer' or 'all', got {t.loss_on!r}")
     _require(t.precision in ("auto", "fp32", "bf16"),
              f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")

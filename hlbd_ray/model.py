@@ -22,10 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hlbd_ray.config import ModelConfig, check_heads
+from hlbd_ray.config import ModelConfig, check_model
 from hlbd_ray.errors import UserError
 
-ATTENTION_KINDS = ("standard", "autopoietic")
 SCORE_MLP_HIDDEN = 8  # width of the autopoietic per-score MLP
 
 
@@ -44,14 +43,10 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         # Refuse at construction: 256 / 12 heads must never reach a reshape deep inside.
-        check_heads(self.d_model, self.num_heads)
-        for key in ("vocab_size", "num_layers", "d_ff", "max_seq_len"):
+        check_model(self)
+        for key in ("vocab_size", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise UserError(f"model {key} must be > 0, got {getattr(self, key)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.attention not in ATTENTION_KINDS:
-            raise UserError(f"model.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> "ModelSpec":
