@@ -201,6 +201,16 @@ def long_stream(epochs: int = 4, eb: int = 120, seed: int = 0) -> list[dict]:
     return out
 
 
+def epoch_start(stream: list[dict], epoch: int, eb: int = 120) -> int:
+    """Index of the first report of `epoch`: where a resume from the checkpoint of the
+    epoch before it replays from."""
+    return next(i for i, r in enumerate(stream) if r["batch_start"] == epoch * eb)
+
+
+def batches_in(reports: list[dict]) -> int:
+    return sum(len(r["batch_losses"]) for r in reports)
+
+
 def run(agg: ReportAggregator, trial: FakeTrial, stream: list[dict]) -> None:
     for r in stream:
         agg.on_trial_result(0, [trial], trial, r)
@@ -239,7 +249,7 @@ def test_restore_through_tune_state_with_a_replay(tmp_path: Path) -> None:
     agg2.set_state(state)
     agg2.setup(stop=None, num_samples=1, total_num_samples=1)
     # The trial resumes from its epoch-1 checkpoint: epoch 2 is replayed from its start.
-    replay_from = next(i for i, r in enumerate(stream) if r["batch_start"] == 2 * 120)
+    replay_from = epoch_start(stream, 2)
     run(agg2, trial, stream[replay_from:])
     same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
 
@@ -256,7 +266,7 @@ def test_a_restored_trial_is_rebuilt_from_tunes_result_log(tmp_path: Path) -> No
     pickled_at_start = pickle.dumps(agg)
     run(agg, trial, stream[:3])
     state = pickle.loads(pickle.dumps(agg.get_state()))      # saved early: 3 reports
-    checkpoint_at = next(i for i, r in enumerate(stream) if r["batch_start"] == 2 * 120)
+    checkpoint_at = epoch_start(stream, 2)
     lines = [json.dumps(r) for r in stream[:checkpoint_at]]   # Tune logged up to there
     (log_dir / "result.json").write_text("\n".join(lines) + '\n{"batch_losses": [1.0, ')
     agg2 = pickle.loads(pickled_at_start)
@@ -276,7 +286,7 @@ def test_rebuild_from_parquet_then_continue(tmp_path: Path) -> None:
     # A new driver process: nothing in memory, the files are all there is. It continues
     # exactly where the files end, mid-epoch, and the exact sums keep buckets identical.
     agg2 = ReportAggregator(tmp_path / "restored", 7, every_s=1e9, resume=True)
-    assert agg2.store.trials["t"].accepted() == sum(len(r["batch_losses"]) for r in stream[:9])
+    assert agg2.store.trials["t"].accepted() == batches_in(stream[:9])
     assert agg2.trials["t"].config == {"lr": 0.01}
     run(agg2, trial, stream[7:])                  # overlaps two reports it already has
     same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
@@ -293,8 +303,8 @@ def test_files_ahead_of_tune_state_win(tmp_path: Path) -> None:
     agg2 = ReportAggregator(tmp_path / "restored", 7, every_s=1e9)
     agg2.set_state(old_state)
     agg2.setup()
-    assert agg2.store.trials["t"].accepted() == sum(len(r["batch_losses"]) for r in stream[:14])
-    replay_from = next(i for i, r in enumerate(stream) if r["batch_start"] == 2 * 120)
+    assert agg2.store.trials["t"].accepted() == batches_in(stream[:14])
+    replay_from = epoch_start(stream, 2)
     run(agg2, trial, stream[replay_from:])
     same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
 
