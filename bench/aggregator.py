@@ -60,6 +60,8 @@ import pyarrow as pa
 from hlbd_ray.config import ReportConfig
 from hlbd_ray.report import ReportAggregator
 
+from bench_output import print_json
+
 DEPLOYED_EVERY_S = ReportConfig().every_s
 
 
@@ -296,8 +298,7 @@ def main() -> None:
     }
     print_table(result)
     if args.json:
-        print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                          for k, v in result.items()}))
+        print_json(result)
 
 
 def print_table(r: dict[str, Any]) -> None:

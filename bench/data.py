@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import statistics
@@ -30,6 +29,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from hlbd_ray.config import DataConfig  # noqa: E402
 from hlbd_ray.data import PreparedData, prepare_data  # noqa: E402
+
+from bench_output import print_json, print_load  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 HLBD_DIR = REPO.parent / "shared" / "data" / "hlbd"
@@ -96,8 +97,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    load_start = os.getloadavg()
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
+    load_start = print_load("start")
     paths = [str(Path(args.data_dir) / name) for name in FILES]
     loads, data = [], None
     for _ in range(args.repeats):
@@ -111,7 +111,7 @@ def main() -> None:
          "pickled_mb": size_mb, "put_ms": trials["put_ms"][0],
          "per_trial_get_ms": statistics.median(trials["get_ms"]), "per_trial_get_ms_max": max(trials["get_ms"]),
          "per_trial_reread_s": statistics.median(trials["reread_s"]), "trials": args.trials,
-         "loadavg_start": load_start[0], "loadavg_end": os.getloadavg()[0]}
+         "loadavg_start": load_start}
     r["reread_vs_get"] = r["per_trial_reread_s"] * 1e3 / r["per_trial_get_ms"]
     print(f"\nHLBD data: {r['pairs']} pairs ({r['train_pairs']} train), vocab {r['vocab_size']}, "
           f"max_len {MAX_LEN}, {r['pickled_mb']:.1f} MiB pickled")
@@ -121,9 +121,9 @@ def main() -> None:
     print(f"per trial ({args.trials} fresh actors): ray.get {r['per_trial_get_ms']:.2f} ms "
           f"(max {r['per_trial_get_ms_max']:.2f}), re-read {r['per_trial_reread_s']:.2f} s "
           f"-> {r['reread_vs_get']:.0f}x")
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    r["loadavg_end"] = print_load("end")
     if args.json:
-        print(json.dumps(r))
+        print_json(r)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_output import print_json, print_load
+
 REPO = Path(__file__).resolve().parents[1]
 MICRO = ["--config", str(REPO / "conf/smoke.yaml"), "train.epochs=2", "sweep.scheduler=fifo",
          "report.every_s=1", "cluster.num_cpus=2", "sweep.max_concurrent_trials=2"]
@@ -80,7 +82,7 @@ def main() -> None:
         child(int(args.child[0]), args.child[1])
         return
     counts = [2, 4] if args.smoke else args.trials
-    print(f"load average at start: {os.getloadavg()}")
+    print_load("start")
     results = [run(n) for n in counts]
     print(f"{'trials':>7} {'exit':>5} {'rows':>5} {'wall_s':>8} {'peak_rss_mb':>12} {'final_rss_mb':>13}")
     for r in results:
@@ -91,12 +93,12 @@ def main() -> None:
     print(f"driver peak memory growth per extra trial: {growth:.2f} MB "
           f"({large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x for "
           f"{large['trials'] / small['trials']:.0f}x the trials)")
-    print(f"load average at end: {os.getloadavg()}")
+    print_load("end")
     summary = {"trials": counts, "all_rows": all(r["report_rows"] == r["trials"] for r in results),
                "peak_rss_mb": [r["peak_rss_mb"] for r in results],
                "rss_growth_mb_per_trial": growth, "wall_s": [r["wall_s"] for r in results]}
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ from hlbd_ray.data import PreparedData, iter_batches, num_batches, prepare_data 
 from hlbd_ray.session import LocalSession  # noqa: E402
 from hlbd_ray.train import TrainRun  # noqa: E402
 
+from bench_output import print_json, print_load  # noqa: E402
+
 VARIANTS = ("direct", "train", "tune", "tune_fn")
 Stamped = list[tuple[float, dict[str, Any]]]  # (wall clock at arrival, report)
 Timed = tuple[float, Stamped, float]  # (fit() called, stamped reports, fit() returned)
@@ -337,16 +339,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    load_start = os.getloadavg()
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
+    load_start = print_load("start")
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as folder:
         found = run_all(args, Path(folder))
     result = summarise(found)
-    result["loadavg_start"], result["loadavg_end"] = load_start[0], os.getloadavg()[0]
     print_table(args, result)
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    result["loadavg_start"], result["loadavg_end"] = load_start, print_load("end")
     if args.json:
-        print(json.dumps(result))
+        print_json(result)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,6 @@ imports Ray.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import statistics
 import tempfile
 import time
@@ -48,6 +45,8 @@ from hlbd_ray.model import ModelSpec, flops_per_token
 from hlbd_ray.session import LocalSession
 from hlbd_ray.tokenizer import SPECIALS, TAGS, CharTokenizer
 from hlbd_ray.train import Batch, TrainRun, resolve_precision
+
+from bench_output import print_json, print_load
 
 REPO = Path(__file__).resolve().parent.parent
 HLBD_FILES = [REPO.parent / "shared" / "data" / "hlbd" / name
@@ -429,8 +428,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    load_start = os.getloadavg()
-    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    load_start = print_load("start")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     peaks = measure_peaks(args, device)
@@ -439,12 +437,10 @@ def main() -> None:
     peaks = {k: max(v, measure_peaks(args, device).get(k, 0.0)) for k, v in peaks.items()}
     curves = loss_curves(args, device) if args.curve_steps > 0 else None
     result = summarise(args, device, times, peaks, curves)
-    result["loadavg_start"], result["loadavg_end"] = load_start[0], os.getloadavg()[0]
     print_report(args, result, times, curves)
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    result["loadavg_start"], result["loadavg_end"] = load_start, print_load("end")
     if args.json:
-        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                          for k, v in result.items()}))
+        print_json(result)
 
 
 if __name__ == "__main__":

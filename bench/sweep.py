@@ -41,6 +41,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from hlbd_ray.config import Config, load_config  # noqa: E402
 
+from bench_output import print_json, print_load  # noqa: E402
+
 TIMELINE_ENV = "BENCH_TIMELINE_DIR"
 TIMED = ("__init__", "fit", "accumulate", "optimizer_step", "evaluate", "end_epoch", "report")
 
@@ -308,8 +310,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    load_start = os.getloadavg()
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
+    load_start = print_load("start")
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as folder:
         out = Path(folder)
         timeline = out / "timeline"
@@ -318,17 +319,17 @@ def main() -> None:
         sweep = run_sweep(cfg, timeline)
         result = account(sweep, read_timeline(timeline))
     print_table(args, sweep, result)
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    load_end = print_load("end")
     if args.json:
         flat = {"step_share": result["step_share"], "wall_s": result["wall_s"], "slots": result["slots"],
                 "trials": len(sweep["trials"]), "report_fw_bw_s": result["report_fw_bw_s"],
                 "lead_in_s": result["lead_in_s"], "tail_s": result["tail_s"],
                 "startup_per_trial_s": sum(result["parts"].get(k, 0.0) for k in ("launch", "import", "pre_build",
                                                                                  "build")) / len(sweep["trials"]),
-                "cluster_start_s": sweep["cluster_s"], "loadavg_start": load_start[0],
-                "loadavg_end": os.getloadavg()[0],
+                "cluster_start_s": sweep["cluster_s"], "loadavg_start": load_start,
+                "loadavg_end": load_end,
                 **{f"{k}_s": v for k, v in result["parts"].items()}}
-        print(json.dumps(flat))
+        print_json(flat)
 
 
 if __name__ == "__main__":

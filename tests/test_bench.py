@@ -51,7 +51,8 @@ def test_step_smoke() -> None:
 
 def test_step_imports_no_ray() -> None:
     """bench/step.py must run where only torch is installed: its imports never load Ray."""
-    code = ("import sys, runpy; sys.argv = ['step.py', '--help']\n"
+    # sys.path[0] = bench/, as `python bench/step.py` sets it.
+    code = ("import sys, runpy; sys.argv = ['step.py', '--help']; sys.path.insert(0, 'bench')\n"
             "try:\n    runpy.run_path('bench/step.py', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
             "assert 'ray' not in sys.modules, 'ray was imported'")
