@@ -37,11 +37,12 @@ from hlbd_ray.tables import (CURVES_FILE, EPOCHS_FILE, EPOCHS_SCHEMA, JSON_FILE,
                              TrialInfo, best_metrics, column_type, concat_curves, curve_table,
                              dumps, flatten_config, info_from_row, json_array,
                              json_array_of_pieces, json_object_pieces, read_rows, safe_name,
-                             trial_row, write_parquet, write_pieces, jsonable)
+                             jsonable, trial_row, write_parquet, write_pieces)
 
 logger = logging.getLogger(__name__)
 
 _TARGETS = ("curves", "epochs", "trials", "sweep")
+
 
 class ReportAggregator(Callback):
     """Tune callback: every result's `batch_losses` into per-trial curves, then files."""
@@ -80,7 +81,7 @@ class ReportAggregator(Callback):
         record = self._info(trial)
         # A (re)started trial: an error from an earlier attempt no longer describes it.
         record.status, record.error = "RUNNING", None
-        self._pending.update(("trials", "sweep", f"trial:{trial.trial_id}"))
+        self._touch(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
@@ -146,9 +147,7 @@ class ReportAggregator(Callback):
             return
         self.store = CurveStore.from_state(state["store"])
         self.trials = {tid: TrialInfo(**d) for tid, d in state["trials"].items()}
-        self._cache.clear()
-        self._summary_cache.clear()
-        self._mark_all()
+        self._rebuild_all()
 
     # ---- ingest ----
     def add_result(self, trial: Any, result: Mapping[str, Any]) -> None:
@@ -156,7 +155,7 @@ class ReportAggregator(Callback):
         info.status = "RUNNING"
         info.update(result)
         curves_changed, epochs_changed = self.store.ingest(info.trial_id, result)
-        self._pending.update(("trials", "sweep", f"trial:{info.trial_id}"))
+        self._touch(info.trial_id)
         if curves_changed:
             self._pending.add("curves")
         if epochs_changed:
@@ -175,11 +174,21 @@ class ReportAggregator(Callback):
         info.status = status
         if error is not None:
             info.error = error
-        self._pending.update(("trials", "sweep", f"trial:{info.trial_id}"))
+        self._touch(info.trial_id)
+
+    def _touch(self, tid: str) -> None:
+        """A trial changed: its own document, the trials table and the sweep document."""
+        self._pending.update(("trials", "sweep", f"trial:{tid}"))
 
     def _mark_all(self) -> None:
         self._pending.update(_TARGETS)
         self._pending.update(f"trial:{tid}" for tid in self.trials)
+
+    def _rebuild_all(self) -> None:
+        """The store was replaced wholesale: drop every cached serialisation, rewrite all."""
+        self._cache.clear()
+        self._summary_cache.clear()
+        self._mark_all()
 
     # ---- writing ----
     def flush(self) -> bool:
@@ -357,15 +366,12 @@ class ReportAggregator(Callback):
                 self.trials[row["trial_id"]] = info_from_row(row)
         for tid in self.store.trials:
             self.trials.setdefault(tid, TrialInfo(tid))
-        self._cache.clear()
-        self._summary_cache.clear()
-        self._mark_all()
+        self._rebuild_all()
         return adopted
 
 
 def _progress(trial: TrialCurves) -> tuple[int, int]:
     return trial.accepted(), len(trial.summaries)
-
 
 
 def error_message(trial: Any) -> str:
