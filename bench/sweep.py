@@ -39,7 +39,7 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from hlbd_ray.config import Config, load_config  # noqa: E402
+from hlbd_ray.config import Config, load_config, validate  # noqa: E402
 
 from bench_output import print_json, print_load  # noqa: E402
 
@@ -129,7 +129,6 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
     from hlbd_ray.cluster import ray_env_vars, require_state_api
     from hlbd_ray.report import ReportAggregator
     from hlbd_ray.run import preflight
-    from hlbd_ray.search import check_space
     from hlbd_ray.sweep import SweepStatus, build_tuner, finish, plan_resources
 
     lives: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -150,7 +149,7 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
 
         on_trial_error = on_trial_complete
 
-    check_space(cfg.sweep)
+    validate(cfg, sweep=True)
     t0 = time.time()
     cfg, data = preflight(cfg)
     t1 = time.time()
@@ -170,7 +169,7 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
         resources = plan_resources(cfg, ray.cluster_resources())
         callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
                                       data.dataset_stats),
-                     SweepStatus(cfg.sweep.metric, cfg.sweep.mode), Lifetimes()]
+                     SweepStatus(cfg.sweep.metric, str(cfg.sweep.mode)), Lifetimes()]
         tuner = build_tuner(cfg, ray.put(data), resources, callbacks)
         start = time.time()
         results = tuner.fit()

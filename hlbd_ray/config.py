@@ -2,13 +2,15 @@
 
 The dataclasses are the documentation: every YAML in `conf/` is validated against them,
 unknown keys and wrong types are errors, and `validate` refuses impossible values with
-one line naming what is wrong, before any Ray work starts.
+one line naming what is wrong, before any Ray work starts. Fields with a fixed set of
+values are Enums, so OmegaConf itself refuses anything else and names the choices.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -18,7 +20,50 @@ from omegaconf.errors import OmegaConfBaseException
 from hlbd_ray.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-ATTENTION_KINDS = ("standard", "autopoietic")
+
+
+class Choice(str, Enum):
+    """A config field with a fixed set of values. Members are named as their values (the
+    names are what OmegaConf matches) and are strings, so `cfg.train.precision == "bf16"`
+    holds and f-strings print the value; `to_dict` turns them into plain strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Precision(Choice):
+    auto = "auto"   # bf16 autocast where it measured faster (GPU, CPU with AMX), else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LossOn(Choice):
+    answer = "answer"   # loss and accuracy on answer tokens (and [EOS]) only
+    all = "all"         # every real token
+
+
+class Attention(Choice):
+    standard = "standard"         # fused causal SDPA
+    autopoietic = "autopoietic"   # a learned pointwise transform of the scores
+
+
+class Search(Choice):
+    random = "random"   # Tune's basic generator
+    grid = "grid"       # Tune's basic generator over grid_search values
+    optuna = "optuna"   # Optuna TPE
+
+
+class Scheduler(Choice):
+    asha = "asha"   # early stopping at epoch rungs
+    fifo = "fifo"   # every trial runs to the end
+
+
+class Mode(Choice):
+    min = "min"
+    max = "max"
 
 
 @dataclass
@@ -28,8 +73,7 @@ class ModelConfig:
     num_layers: int = 6
     d_ff: int = 1024
     dropout: float = 0.1
-    # "standard" (fused causal SDPA) or "autopoietic" (learned pointwise score transform).
-    attention: str = "standard"
+    attention: Attention = Attention.standard
     # Optional "package.module:function" returning an nn.Module mapping ids -> logits;
     # it receives the ModelSpec (this config plus vocab_size and max_seq_len).
     factory: Optional[str] = None
@@ -61,14 +105,12 @@ class TrainConfig:
     restart_mult: int = 2
     min_lr: float = 1e-5
     grad_clip: float = 1.0
-    # "auto": bf16 autocast where it measured faster (GPU, CPU with AMX), else fp32.
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     # Longest sequence [BOS] prompt [SEP] answer [EOS]; longer answers are cut (and
     # counted). Measured on HLBD Full V2: median 140, p99 180, longest 232 tokens, so 256
     # cuts none; batches pad only to their own longest sequence.
     max_len: int = 256
-    # "answer": loss and accuracy on answer tokens only; "all": every real token.
-    loss_on: str = "answer"
+    loss_on: LossOn = LossOn.answer
     # Report (and send batch losses) every N optimizer steps.
     report_every: int = 10
     # Validation pairs greedily decoded for val_exact at each epoch end.
@@ -103,16 +145,14 @@ class SpaceConfig:
 @dataclass
 class SweepConfig:
     name: str = "sweep"
-    # "random", "grid" (Tune's basic generator) or "optuna" (TPE).
-    search: str = "random"
+    search: Search = Search.random
     num_samples: int = 8
     # 0: as many as the cluster's resources allow at once.
     max_concurrent_trials: int = 0
     seed: int = 0
     metric: str = "val_loss"
-    mode: str = "min"
-    # "asha" (early stopping at epoch rungs) or "fifo".
-    scheduler: str = "asha"
+    mode: Mode = Mode.min
+    scheduler: Scheduler = Scheduler.asha
     grace_period: int = 1
     reduction_factor: int = 2
     # Wall-clock budget for the whole sweep in seconds (0: none).
@@ -249,12 +289,48 @@ def check_model(m: Any) -> None:
     _positive(**{f"model.{key}": getattr(m, key) for key in ("d_model", "num_layers", "d_ff")})
     check_heads(m.d_model, m.num_heads)
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    _require(m.attention in ATTENTION_KINDS, f"model.attention must be "
-             f"{' or '.join(repr(kind) for kind in ATTENTION_KINDS)}, got {m.attention!r}")
 
 
-def validate(cfg: Config) -> None:
-    """Refuse impossible values with one line naming the key; the sweep adds its own."""
+def space_pairs(space: SpaceConfig) -> list[tuple[int, int]]:
+    """Every (d_model, num_heads) of the space with d_model % num_heads == 0; an empty
+    space, or one where no pair divides, is refused naming the valid head counts."""
+    _require(bool(space.d_model) and bool(space.num_heads),
+             "sweep.space.d_model and sweep.space.num_heads must not be empty")
+    for key, values in (("d_model", space.d_model), ("num_heads", space.num_heads)):
+        _require(all(v > 0 for v in values), f"sweep.space.{key} values must be > 0, got {list(values)}")
+    pairs = [(d, h) for d in space.d_model for h in space.num_heads if d % h == 0]
+    if not pairs:
+        hints = "; ".join(f"d_model={d} allows num_heads in {valid_head_counts(d)}"
+                          for d in space.d_model)
+        raise UserError(f"sweep.space has no valid pair: no num_heads in {list(space.num_heads)} "
+                        f"divides any d_model in {list(space.d_model)} ({hints})")
+    return pairs
+
+
+def check_sweep(s: SweepConfig) -> None:
+    """The sweep section on its own: a space with valid pairs and learning rates, sane
+    counts, and a name that stays one folder under output_dir."""
+    sp = s.space
+    _require(0 < sp.lr_min <= sp.lr_max and math.isfinite(sp.lr_max),
+             f"sweep.space needs 0 < lr_min <= lr_max, got {sp.lr_min}, {sp.lr_max}")
+    _require(sp.lr_grid_points >= 1, f"sweep.space.lr_grid_points must be >= 1, got {sp.lr_grid_points}")
+    _require(s.num_samples >= 1 and s.max_concurrent_trials >= 0 and s.time_budget_s >= 0,
+             "sweep.num_samples must be >= 1; max_concurrent_trials, time_budget_s >= 0")
+    _require(s.grace_period >= 1 and s.reduction_factor >= 2,
+             "sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
+    _require(bool(s.name) and "/" not in s.name and not s.name.startswith("."),
+             f"sweep.name must be a plain folder name, got {s.name!r}")
+    space_pairs(sp)
+
+
+def validate(cfg: Config, sweep: bool = False) -> None:
+    """Refuse impossible values with one line naming the key (the schema has already
+    refused unknown keys, wrong types and values outside a Choice).
+
+    `sweep=True` adds what only a sweep needs: its sampled learning rates must not lie
+    below the schedule's floor. A training run ignores the sweep section's learning
+    rates, so that check would refuse its valid configs.
+    """
     m, d, t = cfg.model, cfg.data, cfg.train
     check_model(m)
     _positive(**{"train.lr": t.lr, "train.epochs": t.epochs,
@@ -263,9 +339,6 @@ def validate(cfg: Config) -> None:
                  "train.num_workers": t.num_workers, "train.restart_steps": t.restart_steps,
                  "data.max_vocab": d.max_vocab, "report.points_per_epoch": cfg.report.points_per_epoch,
                  "report.every_s": cfg.report.every_s})
-    _require(t.loss_on in ("answer", "all"), f"train.loss_on must be 'answer' or 'all', got {t.loss_on!r}")
-    _require(t.precision in ("auto", "fp32", "bf16"),
-             f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
     _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     _require(d.generated_per_module > 0 or bool(d.paths),
              "data.generated_per_module must be > 0 when data.paths is empty")
@@ -278,6 +351,11 @@ def validate(cfg: Config) -> None:
     _require(t.report_every * t.grad_accum <= 2000,
              "train.report_every * train.grad_accum must be <= 2000 (bounded report size)")
     _require(bool(cfg.output_dir), "output_dir must not be empty")
+    check_sweep(cfg.sweep)
+    if sweep:
+        # The schedule's floor would otherwise lie above a sampled learning rate.
+        _require(cfg.sweep.space.lr_min >= t.min_lr, f"sweep.space.lr_min={cfg.sweep.space.lr_min} "
+                 f"is below train.min_lr={t.min_lr}")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -285,8 +363,10 @@ def to_yaml(cfg: Config) -> str:
 
 
 def to_dict(cfg: Config) -> dict:
-    """Plain nested dict (for Ray configs and checkpoints: no OmegaConf objects)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """Plain nested dict for Ray configs and checkpoints: no OmegaConf objects, and
+    Choices as plain strings (the safe checkpoint loader refuses any other class)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True,  # type: ignore[return-value]
+                                  enum_to_str=True)
 
 
 def from_dict(values: dict) -> Config:

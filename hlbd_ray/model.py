@@ -15,31 +15,25 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hlbd_ray.config import ModelConfig, check_model
+from hlbd_ray.config import Attention, ModelConfig, check_model
 from hlbd_ray.errors import UserError
 
 SCORE_MLP_HIDDEN = 8  # width of the autopoietic per-score MLP
 
 
-@dataclass
-class ModelSpec:
-    """Everything needed to rebuild the model: the model config plus data-given sizes."""
+@dataclass(kw_only=True)
+class ModelSpec(ModelConfig):
+    """Everything needed to rebuild the model: the model config plus the sizes the data set."""
 
     vocab_size: int
-    d_model: int = 256
-    num_heads: int = 8
-    num_layers: int = 6
-    d_ff: int = 1024
-    dropout: float = 0.1
     max_seq_len: int = 256
-    attention: str = "standard"
 
     def __post_init__(self) -> None:
         # Refuse at construction: 256 / 12 heads must never reach a reshape deep inside.
@@ -47,12 +41,15 @@ class ModelSpec:
         for key in ("vocab_size", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise UserError(f"model {key} must be > 0, got {getattr(self, key)}")
+        # A spec built in code (not through the config schema) may hold a plain string.
+        if self.attention not in tuple(Attention):
+            raise UserError(f"model.attention must be one of {[a.value for a in Attention]}, "
+                            f"got {self.attention!r}")
+        self.attention = Attention(self.attention)
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> "ModelSpec":
-        return cls(vocab_size=vocab_size, d_model=model_cfg.d_model, num_heads=model_cfg.num_heads,
-                   num_layers=model_cfg.num_layers, d_ff=model_cfg.d_ff, dropout=model_cfg.dropout,
-                   max_seq_len=max_seq_len, attention=model_cfg.attention)
+        return cls(**asdict(model_cfg), vocab_size=vocab_size, max_seq_len=max_seq_len)
 
 
 class _ScoreMLP(torch.autograd.Function):

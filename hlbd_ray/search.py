@@ -16,26 +16,14 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from hlbd_ray.config import SpaceConfig, SweepConfig, valid_head_counts
-from hlbd_ray.errors import UserError
+from hlbd_ray.config import SpaceConfig, SweepConfig, space_pairs
 
 ARCH_KEY, LR_KEY = "arch", "lr"
 
 
 def valid_pairs(space: SpaceConfig) -> list[str]:
     """Every (d_model, num_heads) the space allows with d_model % num_heads == 0, as "DxH"."""
-    if not space.d_model or not space.num_heads:
-        raise UserError("sweep.space.d_model and sweep.space.num_heads must not be empty")
-    for key, values in (("d_model", space.d_model), ("num_heads", space.num_heads)):
-        if any(v <= 0 for v in values):
-            raise UserError(f"sweep.space.{key} values must be > 0, got {list(values)}")
-    pairs = [f"{d}x{h}" for d in space.d_model for h in space.num_heads if d % h == 0]
-    if not pairs:
-        hints = "; ".join(f"d_model={d} allows num_heads in {valid_head_counts(d)}"
-                          for d in space.d_model)
-        raise UserError(f"sweep.space has no valid pair: no num_heads in {list(space.num_heads)} "
-                        f"divides any d_model in {list(space.d_model)} ({hints})")
-    return pairs
+    return [f"{d}x{h}" for d, h in space_pairs(space)]
 
 
 def decode_arch(arch: str) -> tuple[int, int]:
@@ -51,30 +39,9 @@ def lr_grid(space: SpaceConfig) -> list[float]:
     return [space.lr_min * math.exp(ratio * i / (n - 1)) for i in range(n)]
 
 
-def check_space(sweep: SweepConfig) -> list[str]:
-    """Validate the sweep section; returns the valid pairs (refused here, before Ray starts)."""
-    s = sweep.space
-    if not (0 < s.lr_min <= s.lr_max and math.isfinite(s.lr_max)):
-        raise UserError(f"sweep.space needs 0 < lr_min <= lr_max, got {s.lr_min}, {s.lr_max}")
-    if s.lr_grid_points < 1:
-        raise UserError(f"sweep.space.lr_grid_points must be >= 1, got {s.lr_grid_points}")
-    if sweep.search not in ("random", "grid", "optuna"):
-        raise UserError(f"sweep.search must be 'random', 'grid' or 'optuna', got {sweep.search!r}")
-    if sweep.scheduler not in ("asha", "fifo"):
-        raise UserError(f"sweep.scheduler must be 'asha' or 'fifo', got {sweep.scheduler!r}")
-    if sweep.mode not in ("min", "max"):
-        raise UserError(f"sweep.mode must be 'min' or 'max', got {sweep.mode!r}")
-    if sweep.num_samples < 1 or sweep.max_concurrent_trials < 0 or sweep.time_budget_s < 0:
-        raise UserError("sweep.num_samples must be >= 1; max_concurrent_trials, time_budget_s >= 0")
-    if sweep.grace_period < 1 or sweep.reduction_factor < 2:
-        raise UserError("sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
-    if not sweep.name or "/" in sweep.name or sweep.name.startswith("."):
-        raise UserError(f"sweep.name must be a plain folder name, got {sweep.name!r}")
-    return valid_pairs(s)
-
-
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
-    pairs = check_space(sweep)
+    """The Tune search space of a sweep section that `config.validate` has accepted."""
+    pairs = valid_pairs(sweep.space)
     s = sweep.space
     if sweep.search == "grid":
         return {ARCH_KEY: tune.grid_search(pairs), LR_KEY: tune.grid_search(lr_grid(s))}

@@ -18,13 +18,13 @@ from ray import tune
 
 from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import require_state_api, start_ray
-from hlbd_ray.config import Config, check_heads, from_dict, to_dict, to_yaml
+from hlbd_ray.config import Config, check_heads, from_dict, to_dict, to_yaml, validate
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
 from hlbd_ray.files import atomic_write_json, atomic_write_text
 from hlbd_ray.metrics import finite_or_none
 from hlbd_ray.run import build_trainer, preflight, storage_join, user_error_in
-from hlbd_ray.search import (ARCH_KEY, LR_KEY, build_scheduler, build_searcher, check_space,
-                             decode_arch, param_space)
+from hlbd_ray.search import (ARCH_KEY, LR_KEY, build_scheduler, build_searcher, decode_arch,
+                             param_space)
 
 # The per-trial driver actor only waits on its Train run; it gets a sliver of a CPU so
 # that trials never hold the CPUs their own workers need (the few-CPU deadlock).
@@ -168,7 +168,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
                                   resume_errored=True, param_space=param_space(s))
     tune_config = tune.TuneConfig(
-        metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+        metric=s.metric, mode=str(s.mode), num_samples=s.num_samples,
         search_alg=build_searcher(s, resources.max_concurrent), scheduler=build_scheduler(s, cfg.train.epochs),
         # The basic generator enforces the limit itself (see build_searcher).
         max_concurrent_trials=resources.max_concurrent if s.search == "optuna" else None,
@@ -183,11 +183,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
 
 def run_sweep_job(cfg: Config) -> int:
     """Validate everything that can be checked without Ray, then run (or resume) the sweep."""
-    check_space(cfg.sweep)
-    if cfg.sweep.space.lr_min < cfg.train.min_lr:
-        # The schedule's floor would then lie above the sampled learning rate.
-        raise UserError(f"sweep.space.lr_min={cfg.sweep.space.lr_min} is below "
-                        f"train.min_lr={cfg.train.min_lr}")
+    validate(cfg, sweep=True)
     cfg, data = preflight(cfg)
     report_dir = Path(cfg.output_dir) / cfg.sweep.name
     import ray
@@ -203,7 +199,7 @@ def run_sweep_job(cfg: Config) -> int:
               f"reports in {report_dir}", flush=True)
         callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
                                       data.dataset_stats),
-                     SweepStatus(cfg.sweep.metric, cfg.sweep.mode)]
+                     SweepStatus(cfg.sweep.metric, str(cfg.sweep.mode))]
         results = build_tuner(cfg, ray.put(data), resources, callbacks).fit()
         return finish(cfg, results, report_dir)
     finally:

@@ -91,8 +91,9 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
+    """"fp32", "bf16" or "fp16" (a plain string: it travels in every report)."""
     if requested != "auto":
-        return requested
+        return str(requested)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"

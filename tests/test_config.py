@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hlbd_ray.config import CONF_DIR, Config, from_dict, load_config, to_dict, to_yaml
+from hlbd_ray.config import CONF_DIR, Config, LossOn, from_dict, load_config, to_dict, to_yaml, validate
 from hlbd_ray.errors import UserError
 
 
@@ -39,11 +39,43 @@ def test_overrides_win_over_the_file_and_defaults_fill_the_rest():
     (["model.attention=sparse"], "model.attention"),
     (["data.val_fraction=1.5"], "data.val_fraction"),
     (["train.report_every=1000", "train.grad_accum=4"], "bounded report size"),
+    (["train.precision=fp16"], "train.precision: Invalid value 'fp16', expected one of [auto, fp32, bf16]"),
+    # The sweep section (moved here with its checks from search.check_space).
+    (["sweep.search=bayes"], "sweep.search"),
+    (["sweep.scheduler=pbt"], "sweep.scheduler"),
+    (["sweep.mode=avg"], "sweep.mode"),
+    (["sweep.space.lr_min=1e-2", "sweep.space.lr_max=1e-3"], "lr_min <= lr_max"),
+    (["sweep.space.num_heads=[]"], "must not be empty"),
+    (["sweep.space.d_model=[256]", "sweep.space.num_heads=[3,5,12]"],
+     "no valid pair: no num_heads in [3, 5, 12] divides any d_model in [256] "
+     "(d_model=256 allows num_heads in [1, 2, 4, 8, 16, 32, 64, 128, 256])"),
+    (["sweep.num_samples=0"], "num_samples"),
+    (["sweep.reduction_factor=1"], "reduction_factor"),
+    (["sweep.name=../escape"], "plain folder name"),
 ])
 def test_bad_values_are_one_line_user_errors(overrides, message):
     with pytest.raises(UserError) as err:
         load_config(None, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_sweep_refuses_learning_rates_below_the_schedule_floor_a_run_does_not():
+    cfg = load_config(None, ["train.lr=1e-2", "train.min_lr=1e-3", "sweep.space.lr_min=1e-4"])
+    validate(cfg)                                     # a training run never samples lr_min
+    with pytest.raises(UserError, match=r"sweep.space.lr_min=0.0001 is below train.min_lr=0.001"):
+        validate(cfg, sweep=True)
+
+
+def test_choices_are_enums_in_the_config_and_plain_strings_outside():
+    cfg = load_config(CONF_DIR / "sweep.yaml", ["train.loss_on=all"])
+    assert cfg.train.loss_on is LossOn.all and cfg.train.loss_on == "all"
+    assert f"{cfg.sweep.search} search" == "optuna search"
+    plain = to_dict(cfg)
+    choices = [plain["train"]["precision"], plain["train"]["loss_on"], plain["model"]["attention"],
+               plain["sweep"]["search"], plain["sweep"]["scheduler"], plain["sweep"]["mode"]]
+    assert choices == ["auto", "all", "standard", "optuna", "asha", "min"]
+    assert all(type(value) is str for value in choices)   # what Ray and checkpoints get
+    assert "  search: optuna\n" in to_yaml(cfg) and "loss_on: all\n" in to_yaml(cfg)
 
 
 def test_a_yaml_with_an_unknown_key_names_the_file(tmp_path):
