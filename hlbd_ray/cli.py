@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 from hlbd_ray.config import CONF_DIR, Config, load_config
 from hlbd_ray.errors import UserError
@@ -24,19 +22,3 @@ def parse_job_args(argv: list[str], default_config: str, description: str) -> Co
     args = parser.parse_args(argv)
     return load_config(args.config, args.overrides)
 
-
-def ensure_writable_dir(path: str | Path) -> Path:
-    """Create the output folder or refuse before any work starts, naming the folder."""
-    folder = Path(path).expanduser().resolve()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"output folder {folder} cannot be created: {err.strerror}") from None
-    try:
-        # A real write, not os.access: permission bits say nothing about read-only mounts
-        # (or to root).
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise UserError(f"output folder {folder} is not writable: {err.strerror}") from None
-    return folder

@@ -1,4 +1,5 @@
-"""Atomic file writes: readers polling a path only ever see a complete file.
+"""Atomic file writes (readers polling a path only ever see a complete file), and the
+output-folder check every job makes before it starts.
 
 Every writer goes to a temporary file in the same folder, fsyncs it and renames it into
 place; `os.replace` is atomic on POSIX file systems, so a concurrent reader sees either
@@ -12,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from hlbd_ray.errors import UserError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
@@ -48,3 +51,20 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create the output folder or refuse before any work starts, naming the folder."""
+    folder = Path(path).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"output folder {folder} cannot be created: {err.strerror}") from None
+    try:
+        # A real write, not os.access: permission bits say nothing about read-only mounts
+        # (or to root).
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"output folder {folder} is not writable: {err.strerror}") from None
+    return folder

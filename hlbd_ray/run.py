@@ -13,12 +13,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hlbd_ray.cli import ensure_writable_dir, parse_job_args
+from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import start_ray
 from hlbd_ray.config import Config, TrainConfig, to_dict, to_yaml
 from hlbd_ray.data import PreparedData, prepare_data
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
-from hlbd_ray.files import atomic_write_json, atomic_write_text
+from hlbd_ray.files import atomic_write_json, atomic_write_text, ensure_writable_dir
 from hlbd_ray.model import resolve_factory
 
 
