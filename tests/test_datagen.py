@@ -11,8 +11,8 @@ from fractions import Fraction
 import pytest
 
 from hlbd_ray import datagen
-from hlbd_ray.data import read_file
-from hlbd_ray.errors import UserError
+from hlbd_ray.data import load_pairs, read_file
+from hlbd_ray.errors import EXIT_OK, EXIT_USER_ERROR, UserError, run_cli
 
 ZODIAC = "鼠牛虎兔龙蛇马羊猴鸡狗猪"
 
@@ -156,6 +156,19 @@ def test_write_produces_a_readable_hardcore_file(tmp_path):
     assert json.loads(path.read_text(encoding="utf-8")) == datagen.generate(5, seed=1)
     fmt, pairs = read_file(str(path))
     assert fmt == "hardcore" and len(pairs) == 25
+
+
+def test_the_command_line_writes_the_pairs_a_run_would_generate(tmp_path, capsys):
+    path = tmp_path / "gen.json"
+    assert run_cli(datagen.main, [str(path), "--per-module", "5", "--seed", "2"]) == EXIT_OK
+    from_file, _ = load_pairs([str(path)], generated_per_module=0, seed=2)
+    in_memory, _ = load_pairs([], generated_per_module=5, seed=2)
+    assert [(p.prompt, p.answer, p.module) for p in from_file] == \
+        [(p.prompt, p.answer, p.module) for p in in_memory]
+    capsys.readouterr()
+    assert run_cli(datagen.main, [str(tmp_path / "none.json"), "--per-module", "0"]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.strip() == "error: pairs per module must be > 0, got 0"
+    assert not (tmp_path / "none.json").exists()
 
 
 @pytest.mark.parametrize("per_module", [0, 3000])
