@@ -212,7 +212,7 @@ def free_port() -> int:
 def batch_tokens(cfg: Config, data: PreparedData) -> list[int]:
     """Real (non-padding) input tokens of each batch of epoch 0, in the order runs see them."""
     pad = data.build_tokenizer().pad_id
-    return [int((inputs != pad).sum()) for inputs, _ in iter_batches(
+    return [int((batch.inputs != pad).sum()) for batch in iter_batches(
         data.train, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, shuffle=True,
         loss_on=cfg.train.loss_on)]
 

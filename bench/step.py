@@ -40,13 +40,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlbd_ray.config import Config, load_config
-from hlbd_ray.data import EncodedSplit, PreparedData, iter_batches, prepare_data
-from hlbd_ray.model import ModelSpec, flops_per_token
-from hlbd_ray.session import LocalSession
+from hlbd_ray.data import Batch, EncodedSplit, PreparedData, iter_batches, prepare_data
+from hlbd_ray.model import ModelSpec
+from hlbd_ray.session import LocalSession, resolve_precision
 from hlbd_ray.tokenizer import SPECIALS, TAGS, CharTokenizer
-from hlbd_ray.train import Batch, TrainRun, resolve_precision
+from hlbd_ray.train import TrainRun
 
 from bench_output import print_json, print_load
+from flops import flops_per_token
 
 REPO = Path(__file__).resolve().parent.parent
 HLBD_FILES = [REPO.parent / "shared" / "data" / "hlbd" / name
@@ -194,7 +195,9 @@ def synthetic_batches(args: argparse.Namespace, device: torch.device, count: int
     out = []
     for _ in range(count):
         seq = torch.randint(len(SPECIALS) + len(TAGS), args.vocab, (args.batch, args.seq + 1), generator=gen)
-        out.append(Batch(seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)))
+        labels = seq[:, 1:].contiguous()
+        answer = torch.ones_like(labels, dtype=torch.bool)   # no prompt: all of it is answer
+        out.append(Batch(seq[:, :-1].contiguous(), labels, answer).to(device))
     return out
 
 
@@ -268,8 +271,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, dict
 def group_stream(args: argparse.Namespace, data: PreparedData, device: torch.device) -> Iterator[list[Batch]]:
     epoch = 0
     while True:
-        for inputs, labels in iter_batches(data.train, args.batch, seed=0, epoch=epoch, shuffle=True):
-            yield [Batch(inputs.to(device), labels.to(device))]
+        for batch in iter_batches(data.train, args.batch, seed=0, epoch=epoch, shuffle=True):
+            yield [batch.to(device)]
         epoch += 1
 
 

@@ -287,11 +287,24 @@ def num_batches(split: EncodedSplit, batch_size: int, world_size: int = 1) -> in
     return -(-per_rank // batch_size)
 
 
-def make_batch(split: EncodedSplit, rows: np.ndarray, loss_on: str = "answer") -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels), [B, T] with T the longest sequence in `rows` minus one.
+@dataclass
+class Batch:
+    """One micro-batch, each tensor [B, T] with T the longest sequence in it minus one."""
 
-    Inputs are right-padded with [PAD]; labels hold IGNORE_INDEX at padding and, with
-    loss_on="answer", wherever the next token is still prompt or [SEP].
+    inputs: torch.Tensor   # token ids, right-padded with [PAD]
+    labels: torch.Tensor   # the next token; IGNORE_INDEX where no loss is taken
+    answer: torch.Tensor   # bool: the next token is an answer token or its [EOS]
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.inputs.to(device), self.labels.to(device), self.answer.to(device))
+
+
+def make_batch(split: EncodedSplit, rows: np.ndarray, loss_on: str = "answer") -> Batch:
+    """The batch of `rows`: inputs, labels and the answer mask.
+
+    Labels hold IGNORE_INDEX at padding and, with loss_on="answer", wherever the next
+    token is still prompt or [SEP]. The answer mask does not depend on loss_on: exact
+    match always scores the answer alone.
     """
     if loss_on not in ("answer", "all"):
         raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
@@ -300,19 +313,21 @@ def make_batch(split: EncodedSplit, rows: np.ndarray, loss_on: str = "answer") -
     width = int((ends - starts).max()) - 1
     inputs = np.full((len(rows), width), PAD_ID, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    answer = np.zeros((len(rows), width), dtype=bool)
     for r, (row, start, end) in enumerate(zip(rows, starts, ends)):
         seq, n = split.tokens[start:end], end - start - 1
         inputs[r, :n] = seq[:-1]
         labels[r, :n] = seq[1:]
-        if loss_on == "answer":
-            # labels[j] is token j + 1: the first answer token is predicted at j = start - 1.
-            labels[r, :split.answer_starts[row] - 1] = IGNORE_INDEX
-    return torch.from_numpy(inputs), torch.from_numpy(labels)
+        # labels[j] is token j + 1: the first answer token is predicted at j = start - 1.
+        answer[r, split.answer_starts[row] - 1:n] = True
+    if loss_on == "answer":
+        labels[~answer] = IGNORE_INDEX
+    return Batch(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(answer))
 
 
 def iter_batches(split: EncodedSplit, batch_size: int, *, seed: int, epoch: int, shuffle: bool,
                  rank: int = 0, world_size: int = 1, loss_on: str = "answer",
-                 start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 start_batch: int = 0) -> Iterator[Batch]:
     """This rank's batches of one epoch; `start_batch` skips the first k (mid-epoch resume).
 
     The permutation depends on (seed, epoch) only, so every rank computes the same one

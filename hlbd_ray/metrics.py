@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from hlbd_ray.data import IGNORE_INDEX
+
 PPL_LOSS_CAP = 20.0
 
 
@@ -67,17 +68,17 @@ def count_tokens(logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Ten
     return TokenCounts(float(loss_sum.detach()), int(correct), int(mask.sum()))
 
 
-def exact_sequences(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(sequences whose every labelled token is the argmax, sequences with any label).
+def exact_sequences(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Tensor) -> tuple[int, int]:
+    """(sequences whose every answer token is the argmax, sequences with an answer token).
 
-    Under teacher forcing this equals exact greedy decoding: if every argmax matches,
-    greedy decoding reproduces the answer token by token (each step sees the true prefix);
-    the first mismatch is exactly where greedy decoding would diverge.
+    `answer` is the batch's answer mask. Under teacher forcing this equals exact greedy
+    decoding: if every argmax matches, greedy decoding reproduces the answer token by
+    token (each step sees the true prefix); the first mismatch is exactly where greedy
+    decoding would diverge.
     """
-    mask = labels != IGNORE_INDEX
-    wrong = ((logits.argmax(-1) != labels) & mask).any(dim=1)
-    has_label = mask.any(dim=1)
-    return int((has_label & ~wrong).sum()), int(has_label.sum())
+    wrong = ((logits.argmax(-1) != labels) & answer).any(dim=1)
+    has_answer = answer.any(dim=1)
+    return int((has_answer & ~wrong).sum()), int(has_answer.sum())
 
 
 def all_reduce_sums(values: list[float]) -> list[float]:

@@ -1,7 +1,7 @@
 """The APT language model: a strictly causal decoder-only transformer.
 
-Position t only ever sees tokens 0..t, so loss, perplexity and accuracy are real
-language-model metrics (the reference fed the answer to an unmasked encoder).
+Position t only ever sees tokens 0..t, so loss, perplexity and accuracy measure
+next-token prediction: no position can read the token it is asked to predict.
 Two attention kinds share one block:
 
 - `standard`: fused QKV and the causal scaled_dot_product_attention kernel.
@@ -9,6 +9,7 @@ Two attention kinds share one block:
   each score on its own, s' = s + alpha * mlp(s / temperature), and only then get the
   causal mask. Being pointwise, the transform cannot move information between
   positions, and because the mask comes after it, no future position can contribute.
+  Its kernel, and the CPU dropout, live in `hlbd_ray.kernels`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from hlbd_ray.config import Attention, ModelConfig, check_model
 from hlbd_ray.errors import UserError
+from hlbd_ray.kernels import ScoreMLP, dropout
 
 SCORE_MLP_HIDDEN = 8  # width of the autopoietic per-score MLP
 
@@ -52,62 +54,6 @@ class ModelSpec(ModelConfig):
         return cls(**asdict(model_cfg), vocab_size=vocab_size, max_seq_len=max_seq_len)
 
 
-class _ScoreMLP(torch.autograd.Function):
-    """out = s + sum_j c_j * gelu(a_j * s + b_j), elementwise, saving only s.
-
-    Plain autograd would keep every hidden unit's [B, H, T, T] activation for the
-    backward pass (26x the size of the scores, over 1 GB for the playground model);
-    here backward recomputes them. On CPU the work runs over cache-sized blocks of
-    scores, all hidden units per block, so the scores come from memory once, not once
-    per unit (measured 2-3x faster). A GPU gets one block: fewer kernel launches.
-    """
-
-    block_elems = 1 << 18  # 1 MB of fp32: fits a core's L2 cache
-
-    @staticmethod
-    def _blocks(*tensors: torch.Tensor):
-        size = tensors[0].numel() if tensors[0].is_cuda else _ScoreMLP.block_elems
-        return zip(*(t.view(-1).split(size) for t in tensors))
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        s = s.contiguous()
-        ctx.save_for_backward(s, a, b, c)
-        out = s.clone()
-        for s_blk, out_blk in _ScoreMLP._blocks(s, out):
-            for j in range(a.numel()):  # the hidden width, never batch, heads or positions
-                out_blk.addcmul_(torch.ops.aten.gelu_(torch.addcmul(b[j], s_blk, a[j])), c[j])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        s, a, b, c = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_s = grad.clone()
-        # Per hidden unit: sums of grad * gelu(z), grad * gelu'(z) and grad * gelu'(z) * s.
-        sums = torch.zeros(3, a.numel(), dtype=a.dtype, device=a.device)
-        for s_blk, g_blk, gs_blk in _ScoreMLP._blocks(s, grad, grad_s):
-            for j in range(a.numel()):
-                z = torch.addcmul(b[j], s_blk, a[j])
-                # grad * gelu'(z) in one fused pass (the kernel autograd uses for F.gelu).
-                g_z = torch.ops.aten.gelu_backward(g_blk, z)
-                sums[0, j] += torch.dot(g_blk, torch.ops.aten.gelu_(z))
-                sums[1, j] += g_z.sum()
-                sums[2, j] += torch.dot(g_z, s_blk)
-                gs_blk.addcmul_(g_z, c[j] * a[j])
-        return grad_s, c * sums[2], c * sums[1], sums[0]
-
-
-def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout, with the CPU mask drawn by torch.rand: measured ~1.7x faster there."""
-    if not training or p == 0.0:
-        return x
-    if x.is_cuda:
-        return F.dropout(x, p, True)
-    keep = (torch.rand(x.shape, device=x.device) >= p).to(x.dtype)
-    return x * keep.mul_(1.0 / (1.0 - p))
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -133,7 +79,7 @@ class CausalSelfAttention(nn.Module):
         """s + alpha * mlp(s / temperature), each score on its own (no mask here)."""
         # Fold temperature and alpha into the hidden weights: same function, fewer passes.
         a = self.w1 / self.log_temperature.exp()
-        return _ScoreMLP.apply(scores, a, self.b1, self.alpha * self.w2)
+        return ScoreMLP.apply(scores, a, self.b1, self.alpha * self.w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -141,8 +87,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         # The fused causal kernel, except where it cannot serve: the autopoietic transform,
-        # and attention dropout on CPU, where the kernel falls back to an fp32 reference
-        # path that measured slower than the explicit one below (~20% of a bf16 step).
+        # and attention dropout on CPU, where the kernel falls back to PyTorch's fp32 math
+        # path, which measured slower than the explicit one below (~20% of a bf16 step).
         if not self.autopoietic and (p == 0.0 or x.is_cuda):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
@@ -154,9 +100,9 @@ class CausalSelfAttention(nn.Module):
                 scores = self.transform(scores.float())
             # The mask comes after the transform, so no future score can leak through it.
             scores = scores.masked_fill(self.future[:T, :T], float("-inf"))
-            y = _dropout(scores.softmax(dim=-1), p, self.training) @ v
+            y = dropout(scores.softmax(dim=-1), p, self.training) @ v
         y = y.transpose(1, 2).reshape(B, T, C)
-        return _dropout(self.proj(y), self.dropout, self.training)
+        return dropout(self.proj(y), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -171,7 +117,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         mlp = self.fc_out(F.gelu(self.fc(self.ln2(x))))
-        return x + _dropout(mlp, self.dropout, self.training)
+        return x + dropout(mlp, self.dropout, self.training)
 
 
 class APTModel(nn.Module):
@@ -202,7 +148,7 @@ class APTModel(nn.Module):
         if T > self.spec.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.spec.max_seq_len}")
         pos = torch.arange(T, device=input_ids.device)
-        x = _dropout(self.tok_emb(input_ids) + self.pos_emb(pos), self.spec.dropout, self.training)
+        x = dropout(self.tok_emb(input_ids) + self.pos_emb(pos), self.spec.dropout, self.training)
         for block in self.blocks:
             x = block(x)
         # Tied head: the output projection is the token embedding itself.
@@ -235,17 +181,3 @@ def build_model(spec: ModelSpec, factory: str | None = None) -> nn.Module:
         raise UserError(f"model.factory={factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
-
-def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), for MFU.
-
-    6 * N for the N matmul weights (2 forward, 4 backward per weight and token): per
-    layer qkv + proj (4 d^2) and the MLP (2 d d_ff), plus the tied head (d V); the
-    embedding lookups are not matmuls. Attention adds q.k and att.v, 2 * 2 d T forward
-    per layer and token, so 12 L d T with backward (full T, the usual convention, even
-    though causal kernels skip half). The autopoietic transform's elementwise work is
-    not counted: MFU measures matmul throughput.
-    """
-    d, L = spec.d_model, spec.num_layers
-    matmul_params = L * (4 * d * d + 2 * d * spec.d_ff) + d * spec.vocab_size
-    return 6.0 * matmul_params + 12.0 * L * d * seq_len

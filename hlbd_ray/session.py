@@ -1,4 +1,5 @@
-"""Where the training loop runs: under Ray Train, or in-process (tests, benchmarks).
+"""Where the training loop runs: under Ray Train, or in-process (tests, benchmarks), and
+the precision its device runs at.
 
 The loop talks to one small interface (rank, device, the checkpoint to resume from,
 `report`), so the exact same code runs on a Ray Train worker and in a plain process; the
@@ -15,6 +16,38 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 
 T = TypeVar("T")
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """True where the CPU multiplies bf16 natively (AMX tiles or AVX512-BF16), judged from
+    the `flags` lines of /proc/cpuinfo (or of `cpuinfo`, its text).
+
+    There bf16 autocast measured over 2x the fp32 step with the same loss (BENCHMARKS.md);
+    elsewhere bf16 is emulated and slower, so fp32 stays the default.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def resolve_precision(requested: str, device: torch.device, cpuinfo: str | None = None) -> str:
+    """"fp32", "bf16" or "fp16" (a plain string: it travels in every report).
+
+    "auto" is bf16 on a GPU that supports it (else fp16, with a grad scaler), bf16 on a
+    CPU with native bf16 (`cpuinfo`: /proc/cpuinfo's text, read when not given), else fp32.
+    """
+    if requested != "auto":
+        return str(requested)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16(cpuinfo) else "fp32"
 
 
 class LocalSession:

@@ -8,13 +8,10 @@ The loop reads top to bottom in `TrainRun.fit`; each side concern is one method.
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,13 +19,15 @@ import numpy as np
 import torch
 
 from hlbd_ray.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
-from hlbd_ray.config import Config, TrainConfig, from_dict, to_dict
-from hlbd_ray.data import EncodedSplit, PreparedData, iter_batches, num_batches
-from hlbd_ray.metrics import (IGNORE_INDEX, TokenCounts, Window, all_reduce_sums, count_tokens,
-                              exact_sequences, finite_or_none, perplexity, token_loss_sum)
+from hlbd_ray.config import Config, from_dict, to_dict
+from hlbd_ray.data import IGNORE_INDEX, Batch, PreparedData, iter_batches, num_batches
+from hlbd_ray.faults import FaultInjector
+from hlbd_ray.metrics import (TokenCounts, Window, all_reduce_sums, count_tokens, exact_sequences,
+                              finite_or_none, perplexity, token_loss_sum)
 from hlbd_ray.model import ModelSpec, build_model
+from hlbd_ray.optim import build_lr_schedule, build_optimizer
 from hlbd_ray.progress import EpochBar
-from hlbd_ray.session import LocalSession, RayTrainSession, scratch_dir
+from hlbd_ray.session import LocalSession, RayTrainSession, resolve_precision, scratch_dir
 from hlbd_ray.tokenizer import CharTokenizer
 
 
@@ -57,63 +56,6 @@ def train_locally(cfg: Config, data: PreparedData, run_dir: str | Path,
     return session
 
 
-# --- schedule, precision, optimizer -----------------------------------------------------
-
-
-def lr_multiplier(step: int, t: TrainConfig) -> float:
-    """Linear warmup, then cosine annealing with warm restarts (T_0, T_mult, eta_min)."""
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    pos, period = step - t.warmup_steps, t.restart_steps
-    while pos >= period:
-        pos, period = pos - period, period * t.restart_mult
-    floor = t.min_lr / t.lr
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * pos / period))
-
-
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
-    """True where the CPU multiplies bf16 natively (AMX tiles or AVX512-BF16).
-
-    There bf16 autocast measured over 2x the fp32 step with the same loss (BENCHMARKS.md);
-    elsewhere bf16 is emulated and slower, so fp32 stays the default.
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags")
-             for flag in line.split(":", 1)[1].split()}
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """"fp32", "bf16" or "fp16" (a plain string: it travels in every report)."""
-    if requested != "auto":
-        return str(requested)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
-def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; norms, biases and embeddings are not decayed (decay would shrink them to no end)."""
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
-                        for p in m.parameters()}
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        plain = param.ndim < 2 or id(param) in embedding_params
-        (no_decay if plain else decay).append(param)
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95))
-
-
 # --- the run's progress: everything a checkpoint must carry besides tensors -------------
 
 
@@ -129,44 +71,6 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)  # one summary per epoch
     stop_reason: str = ""
     last_metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch-end report
-
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor
-    labels: torch.Tensor
-
-
-class FaultInjector:
-    """Test-only faults at chosen optimizer steps; `once` fires each a single time per run."""
-
-    def __init__(self, cfg: Config, run_name: str):
-        self.fault = cfg.fault
-        steps = (self.fault.raise_at_step, self.fault.kill_at_step, self.fault.nan_from_step)
-        targeted = self.fault.only_num_heads in (0, cfg.model.num_heads)
-        self.active = targeted and any(s >= 0 for s in steps)
-        self.marker_dir = Path(cfg.output_dir).resolve() / ".faults" / run_name
-
-    def _fire_once(self, kind: str) -> bool:
-        if not self.fault.once:
-            return True
-        marker = self.marker_dir / kind
-        if marker.exists():
-            return False
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        return True
-
-    def before_step(self, step: int, rank: int) -> None:
-        if not self.active or rank != 0:
-            return
-        if step == self.fault.raise_at_step and self._fire_once("raise"):
-            raise RuntimeError(f"injected fault: exception at step {step}")
-        if step == self.fault.kill_at_step and self._fire_once("kill"):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def poison(self, step: int) -> bool:
-        return self.active and 0 <= self.fault.nan_from_step <= step
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -185,8 +89,7 @@ class TrainRun:
         self.spec = ModelSpec.from_config(cfg.model, len(self.tokenizer), self.t.max_len)
         self.model = build_model(self.spec, cfg.model.factory).to(self.device)
         self.optimizer = build_optimizer(self.model, self.t)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(lr_multiplier, t=self.t))
+        self.scheduler = build_lr_schedule(self.optimizer, self.t)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.progress = Progress()
         self.session.restore(self._load)
@@ -243,11 +146,11 @@ class TrainRun:
     def _epoch_done(self) -> bool:
         return self.progress.batch >= (self.progress.epoch + 1) * self.epoch_batches
 
-    def _groups(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[list[Batch]]:
+    def _groups(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
         """Accumulation groups of grad_accum micro-batches; the last, shorter group is kept."""
         group: list[Batch] = []
-        for inputs, labels in batches:
-            group.append(Batch(inputs.to(self.device), labels.to(self.device)))
+        for batch in batches:
+            group.append(batch.to(self.device))
             if len(group) == self.t.grad_accum:
                 yield group
                 group = []
@@ -274,7 +177,6 @@ class TrainRun:
         """
         local_tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in group)
         group_tokens = max(all_reduce_sums([local_tokens])[0], 1)
-        poison = self.faults.poison(self.progress.step)
         for i, b in enumerate(group):
             last = i == len(group) - 1
             sync = nullcontext() if last or self.world == 1 else self.ddp_model.no_sync()
@@ -283,9 +185,7 @@ class TrainRun:
                 start = time.perf_counter()
                 with self._autocast():
                     logits = self.ddp_model(b.inputs)
-                loss_sum = token_loss_sum(logits, b.labels)
-                if poison:
-                    loss_sum = loss_sum * float("nan")
+                loss_sum = self.faults.loss(token_loss_sum(logits, b.labels), self.progress.step)
                 self._sync()
                 mid = time.perf_counter()
                 self.scaler.scale(loss_sum * (self.world / group_tokens)).backward()
@@ -322,20 +222,17 @@ class TrainRun:
     def evaluate(self) -> dict[str, Any]:
         """Validation with dropout off, token-weighted, summed over workers' disjoint shares."""
         self.model.eval()
-        split: EncodedSplit = self.data.val
         counts, exact, answered = TokenCounts(), 0, 0
-        size = self.t.batch_size * 2
-        batches = iter_batches(split, size, seed=self.t.seed, epoch=0, shuffle=False,
-                               loss_on=self.t.loss_on)
-        for i, (inputs, labels) in enumerate(batches):
+        batches = iter_batches(self.data.val, self.t.batch_size * 2, seed=self.t.seed, epoch=0,
+                               shuffle=False, loss_on=self.t.loss_on)
+        for i, batch in enumerate(batches):
             if i % self.world != self.rank:
                 continue
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            b = batch.to(self.device)
             with self._autocast():
-                logits = self.model(inputs)
-            counts.add(count_tokens(logits, labels, token_loss_sum(logits, labels)))
-            starts = torch.tensor(split.answer_starts[i * size:i * size + len(inputs)])
-            hit, n = exact_sequences(logits, answer_labels(labels, starts.to(self.device)))
+                logits = self.model(b.inputs)
+            counts.add(count_tokens(logits, b.labels, token_loss_sum(logits, b.labels)))
+            hit, n = exact_sequences(logits, b.labels, b.answer)
             exact, answered = exact + hit, answered + n
         loss_sum, correct, tokens, exact, answered = all_reduce_sums(
             [counts.loss_sum, counts.correct, counts.tokens, exact, answered])
@@ -415,9 +312,3 @@ class TrainRun:
         if rng is not None:
             restore_rng(rng)
 
-
-def answer_labels(labels: torch.Tensor, answer_starts: torch.Tensor) -> torch.Tensor:
-    """Labels of answer tokens (and [EOS]) only: label j predicts token j+1 of the sequence."""
-    positions = torch.arange(labels.shape[1], device=labels.device)
-    prompt = positions[None, :] < (answer_starts[:, None] - 1)
-    return labels.masked_fill(prompt, IGNORE_INDEX)

@@ -49,6 +49,20 @@ def test_step_smoke() -> None:
     assert result["bf16_final_loss_rel_diff"] < 0.05
 
 
+def test_flops_per_token_counts_every_matmul_weight() -> None:
+    import torch.nn as nn
+
+    from bench.flops import flops_per_token
+    from hlbd_ray.model import APTModel, ModelSpec
+
+    spec = ModelSpec(vocab_size=50, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_seq_len=16)
+    model = APTModel(spec)
+    # Every Linear weight, plus the tied head (the embedding matrix) once.
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    matmul += model.tok_emb.weight.numel()
+    assert flops_per_token(spec, 16) == 6 * matmul + 12 * spec.num_layers * spec.d_model * 16
+
+
 def test_step_imports_no_ray() -> None:
     """bench/step.py must run where only torch is installed: its imports never load Ray."""
     # sys.path[0] = bench/, as `python bench/step.py` sets it.

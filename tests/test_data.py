@@ -195,7 +195,7 @@ pairs = [Pair(f"q{i}", "a", "s", "m") for i in range(50)]
 seqs = np.array([[2, 100 + i, 4, 200 + i, 3] for i in range(50)], dtype=np.int32)
 split = EncodedSplit(seqs.ravel(), np.arange(0, 251, 5, dtype=np.int64), np.full(50, 3, dtype=np.int32))
 batches = iter_batches(split, 4, seed=9, epoch=2, shuffle=True, rank=1, world_size=3)
-print([p.prompt for p in split_pairs(pairs, 0.2, seed=9)[1]], [int(x) - 100 for b, _ in batches for x in b[:, 1]])
+print([p.prompt for p in split_pairs(pairs, 0.2, seed=9)[1]], [int(x) - 100 for b in batches for x in b.inputs[:, 1]])
 """
 
 
@@ -241,21 +241,28 @@ def fixed_split(n: int) -> EncodedSplit:
 
 def test_batch_shifts_pads_and_masks_the_prompt():
     split = fixed_split(3)  # lengths 5, 6, 7
-    inputs, labels = make_batch(split, np.array([0, 2]), loss_on="all")
+    batch = make_batch(split, np.array([0, 2]), loss_on="all")
+    inputs, labels = batch.inputs, batch.labels
     assert inputs.dtype == labels.dtype == torch.long and inputs.shape == (2, 6)
     assert inputs[0].tolist() == [2, 100, 4, 200, 0, 0]
     assert labels[0].tolist() == [100, 4, 200, 3, IGNORE_INDEX, IGNORE_INDEX]
     assert labels[1].tolist() == [102, 4, 202, 202, 202, 3]
-    _, answer_only = make_batch(split, np.array([0, 2]), loss_on="answer")
+    answer_batch = make_batch(split, np.array([0, 2]), loss_on="answer")
+    answer_only = answer_batch.labels
     # Only answer tokens and [EOS] are predicted; the prompt and [SEP] are not.
     assert answer_only[0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 200, 3, IGNORE_INDEX, IGNORE_INDEX]
     assert answer_only[1].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 202, 202, 202, 3]
+    # The batch carries its answer mask whatever the loss covers: exact match needs it.
+    assert batch.answer.dtype == torch.bool and torch.equal(batch.answer, answer_batch.answer)
+    assert batch.answer.tolist() == [[False, False, True, True, False, False],
+                                     [False, False, True, True, True, True]]
+    assert torch.equal(answer_only != IGNORE_INDEX, batch.answer)
 
 
 # --- batches and sharding --------------------------------------------------------------
 
 def rows_of(batches) -> list[int]:
-    return [int(x) - 100 for inputs, _ in batches for x in inputs[:, 1]]
+    return [int(x) - 100 for batch in batches for x in batch.inputs[:, 1]]
 
 
 @pytest.mark.parametrize("n,world_size,batch_size", [(10, 3, 2), (12, 4, 5), (7, 2, 16), (2, 3, 1)])
@@ -264,7 +271,7 @@ def test_every_rank_gets_the_same_number_of_batches_and_all_rows(n, world_size, 
     per_rank = [list(iter_batches(split, batch_size, seed=1, epoch=0, shuffle=True, rank=r,
                                   world_size=world_size)) for r in range(world_size)]
     assert {len(b) for b in per_rank} == {num_batches(split, batch_size, world_size)}
-    assert len({tuple(len(x[0]) for x in b) for b in per_rank}) == 1  # same batch sizes too
+    assert len({tuple(len(x.inputs) for x in b) for b in per_rank}) == 1  # same batch sizes too
     seen = [rows_of(b) for b in per_rank]
     assert set().union(*seen) == set(range(n))
     assert sum(map(len, seen)) == -(-n // world_size) * world_size  # only the wrap repeats

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from hlbd_ray.metrics import (IGNORE_INDEX, PPL_LOSS_CAP, TokenCounts, Window, count_tokens,
-                              exact_sequences, finite_or_none, perplexity, token_loss_sum)
+from hlbd_ray.data import IGNORE_INDEX
+from hlbd_ray.metrics import (PPL_LOSS_CAP, TokenCounts, Window, count_tokens, exact_sequences,
+                              finite_or_none, perplexity, token_loss_sum)
 from hlbd_ray.model import APTModel, ModelSpec
 
 
@@ -72,7 +73,7 @@ def test_exact_match_by_teacher_forcing_equals_greedy_decoding():
         labels = seq[:, 1:].clone()
         labels[:, : len(prompt) - 1] = IGNORE_INDEX
         logits = model(seq[:, :-1])
-        assert exact_sequences(logits, labels) == (1, 1)
+        assert exact_sequences(logits, labels, labels != IGNORE_INDEX) == (1, 1)
         # ...and changing any one answer token makes it inexact.
         for k in range(len(greedy)):
             other = list(greedy)
@@ -80,4 +81,4 @@ def test_exact_match_by_teacher_forcing_equals_greedy_decoding():
             seq = torch.tensor([prompt + other])
             labels = seq[:, 1:].clone()
             labels[:, : len(prompt) - 1] = IGNORE_INDEX
-            assert exact_sequences(model(seq[:, :-1]), labels) == (0, 1)
+            assert exact_sequences(model(seq[:, :-1]), labels, labels != IGNORE_INDEX) == (0, 1)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from itertools import islice
 
 import pytest
 import torch
 
-from hlbd_ray.data import IGNORE_INDEX, iter_batches
+from hlbd_ray.data import IGNORE_INDEX, Batch, iter_batches
 from hlbd_ray.metrics import token_loss_sum
+from hlbd_ray.optim import build_optimizer, lr_multiplier
 from hlbd_ray.session import LocalSession
-from hlbd_ray.train import Batch, TrainRun, build_optimizer, lr_multiplier, train_locally
+from hlbd_ray.train import TrainRun, train_locally
 
 from .conftest import micro_config
 
@@ -21,8 +23,7 @@ def new_run(tmp_path, data, *overrides):
 
 
 def first_batches(run: TrainRun, n: int) -> list[Batch]:
-    batches = iter_batches(run.data.train, run.t.batch_size, seed=0, epoch=0, shuffle=True)
-    return [Batch(x, y) for (x, y), _ in zip(batches, range(n))]
+    return list(islice(iter_batches(run.data.train, run.t.batch_size, seed=0, epoch=0, shuffle=True), n))
 
 
 def test_recorded_loss_is_the_true_loss_and_the_gradient_that_of_the_whole_group(tmp_path, micro_data):
@@ -138,7 +139,7 @@ def test_norms_biases_and_embeddings_are_not_decayed(tmp_path, micro_data):
 
 
 def test_auto_precision_uses_bf16_only_where_the_cpu_has_native_bf16():
-    from hlbd_ray.train import cpu_has_fast_bf16, resolve_precision
+    from hlbd_ray.session import cpu_has_fast_bf16, resolve_precision
 
     assert cpu_has_fast_bf16("flags\t\t: fpu sse avx512f avx512_bf16 avx2\n")
     assert cpu_has_fast_bf16("flags\t\t: fpu amx_tile amx_bf16\n")
