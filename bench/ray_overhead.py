@@ -99,7 +99,7 @@ def run_direct(cfg: Config, data: PreparedData, out: Path) -> Timed:
 
 def stamp_callback(path: Path) -> Any:
     """A Train callback (it runs in the run's controller) appending stamped reports."""
-    from ray.train.v2.api.callback import UserCallback
+    from ray.train import UserCallback
 
     class StampFile(UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:

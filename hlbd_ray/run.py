@@ -58,7 +58,7 @@ def describe_data(stats: dict[str, Any]) -> str:
 
 def make_metrics_callback(path: Path):
     """A Ray Train callback (runs in the controller) appending each report to metrics.jsonl."""
-    from ray.train.v2.api.callback import UserCallback
+    from ray.train import UserCallback
 
     class MetricsFile(UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:

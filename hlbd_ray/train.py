@@ -33,14 +33,8 @@ from hlbd_ray.tokenizer import CharTokenizer
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: `{"config": to_dict(cfg), "data": PreparedData or its ObjectRef}`."""
-    import logging
-
     import ray
-    from ray.train.v2._internal.execution import context as train_context
 
-    # Ray Train logs every report with all its metrics at INFO, from a logger named after
-    # its source file (so LoggingConfig misses it); our reports hold them already.
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     data = loop_config["data"]
     if isinstance(data, ray.ObjectRef):
         # Zero-copy from the object store: every trial shares one tokenized copy.
