@@ -107,7 +107,8 @@ def main() -> None:
     size_mb = len(pickle.dumps(data, protocol=5)) / 2 ** 20
     trials = per_trial(data, paths, args.trials)
     r = {"load_s": statistics.median(loads), "load_first_s": loads[0],
-         "pairs": stats["total"]["pairs"], "train_pairs": stats["train_pairs"], "vocab_size": stats["vocab_size"],
+         "files": paths, "pairs": stats["total"]["pairs"], "train_pairs": stats["train_pairs"],
+         "vocab_size": stats["vocab_size"],
          "pickled_mb": size_mb, "put_ms": trials["put_ms"][0],
          "per_trial_get_ms": statistics.median(trials["get_ms"]), "per_trial_get_ms_max": max(trials["get_ms"]),
          "per_trial_reread_s": statistics.median(trials["reread_s"]), "trials": args.trials,

@@ -1,4 +1,5 @@
-"""The per-epoch progress bar of rank 0, with the reference's live metrics.
+"""The per-epoch progress bar of rank 0, showing the window's loss, perplexity, accuracy,
+learning rate and forward/backward milliseconds as they change.
 
 On a terminal it is a normal tqdm bar. In Ray worker logs (not a terminal) carriage
 returns would pile into one endless line, so each refresh becomes its own line, and

@@ -5,7 +5,9 @@ bounded curves (`hlbd_ray.curves`) and writes them under `<experiment_dir>/repor
 - `epochs.parquet`  one row per (trial, epoch): epoch mean loss, validation, lr, tokens/s;
 - `trials.parquet`  one row per trial: config, status, error, last and best metrics;
 - `experiment_report.json` the whole sweep in one document, and
-  `trials/<trial_id>/experiment_report.json` per trial with the reference report's keys.
+  `trials/<trial_id>/experiment_report.json` per trial, keeping the keys of the HLBD
+  playground's `experiment_report.json` (`control_losses`, `batch_losses`, ...), so the
+  tools users already point at that file keep working.
 
 Writes happen at most every `every_s` seconds (checked when a result arrives) and at
 every trial end and experiment end. Each file is replaced atomically, a failed write is
@@ -305,7 +307,7 @@ class ReportAggregator(Callback):
 
     def _trial_json(self, tid: str, row: Mapping[str, Any], mine: list["EpochPart"],
                     stamp: str) -> list[str]:
-        """The reference report's keys for one trial, plus bucket bounds and validation."""
+        """One trial's JSON with the HLBD playground report's keys, plus bucket bounds and validation."""
         info, curves = self.trials[tid], self.store.trials.get(tid)
         summaries = curves.summaries if curves else {}
         last = info.last

@@ -48,7 +48,7 @@ def preflight(cfg: Config) -> tuple[Config, PreparedData]:
 
 
 def describe_data(stats: dict[str, Any]) -> str:
-    """One line on what the run trains on, truncation included (the reference hid it)."""
+    """One line on what the run trains on, with how many answers max_len cuts: a cut is never silent."""
     sources = ", ".join(f["source"] for f in stats["files"])
     truncated = stats["truncated_train"] + stats["truncated_val"]
     return (f"data: {stats['train_pairs']} train / {stats['val_pairs']} validation pairs from "

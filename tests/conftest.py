@@ -17,8 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 # them fail loudly when they are missing instead of skipping into green.
 HLBD_DIR = REPO.parent / "shared" / "data" / "hlbd"
 
-# Settings every Ray process of the test session inherits (see RAY_NOTES: reports block
-# 2 s by default; usage stats would try the network).
+# Settings every Ray process of the test session inherits: Ray Train's controller polls
+# its workers every 2 s by default and each report waits for that poll; usage stats would
+# try the network; the private, temporary test clusters need no auth token; and
+# undeduplicated logs keep every worker's lines for the tests that read them.
 RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
 os.environ.update(RAY_TEST_ENV)

@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
 
-def run_smoke(script: str, timeout: int = 180) -> dict:
+def run_smoke(script: str, *args: str, timeout: int = 180) -> dict:
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--json"], capture_output=True,
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--json", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -97,9 +97,14 @@ def test_sweep_smoke() -> None:
 
 @pytest.mark.slow
 def test_data_smoke(hlbd_dir: Path) -> None:
-    result = run_smoke("data.py")
+    from hlbd_ray.data import load_pairs
+
+    result = run_smoke("data.py", "--data-dir", str(hlbd_dir))
     check(result, set(), {"load_s", "per_trial_get_ms", "per_trial_reread_s"})
-    assert result["pairs"] == 10_042
+    # It loaded the real files, every distinct pair of them (counted here, independently).
+    assert result["files"] and {Path(f).parent for f in result["files"]} == {hlbd_dir}
+    pairs, _ = load_pairs(result["files"], generated_per_module=0, seed=0)
+    assert result["pairs"] == len(pairs) and 0 < result["train_pairs"] < result["pairs"]
 
 
 @pytest.mark.slow

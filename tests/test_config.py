@@ -1,11 +1,18 @@
-"""The config schema: every shipped YAML loads, bad keys/values/overrides are refused."""
+"""The config schema and the shipped configs: each loads, prepares its data, builds every
+model it trains and fits its machine; bad keys, values and overrides are refused."""
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
 
-from hlbd_ray.config import CONF_DIR, Config, LossOn, from_dict, load_config, to_dict, to_yaml, validate
+import pytest
+import torch
+
+from hlbd_ray.config import (CONF_DIR, Config, LossOn, from_dict, load_config, space_pairs, to_dict,
+                             to_yaml, validate)
+from hlbd_ray.data import make_batch, num_batches, prepare_data
 from hlbd_ray.errors import UserError
+from hlbd_ray.model import ModelSpec, build_model
 
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -15,8 +22,55 @@ def test_every_shipped_yaml_loads_against_the_schema(path):
     assert cfg.cluster.dashboard_host == "127.0.0.1"       # never exposed by what we ship
 
 
+SHIPPED = ["train.yaml", "sweep.yaml", "smoke.yaml", "gpu.yaml"]
+
+
 def test_shipped_yamls_cover_the_jobs():
-    assert {"train.yaml", "sweep.yaml", "smoke.yaml", "gpu.yaml"} <= {p.name for p in CONF_DIR.glob("*.yaml")}
+    assert set(SHIPPED) <= {p.name for p in CONF_DIR.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_shipped_config_prepares_its_data_and_builds_every_model_it_trains(name):
+    cfg = load_config(CONF_DIR / name)
+    validate(cfg, sweep=True)               # each may also be swept: lr_min above the floor
+    data = prepare_data(cfg.data, cfg.train.max_len)
+    stats = data.dataset_stats
+    assert stats["truncated_train"] == stats["truncated_val"] == 0   # max_len cuts no answer
+    longest = make_batch(data.train, data.train.lengths.argmax(keepdims=True), cfg.train.loss_on)
+    # Its own architecture (a training run) and every pair its sweep samples.
+    archs = {(cfg.model.d_model, cfg.model.num_heads), *space_pairs(cfg.sweep.space)}
+    for d_model, num_heads in sorted(archs):
+        model_cfg = replace(cfg.model, d_model=d_model, num_heads=num_heads)
+        model = build_model(ModelSpec.from_config(model_cfg, stats["vocab_size"], cfg.train.max_len))
+        with torch.no_grad():
+            logits = model.eval()(longest.inputs)
+        assert logits.shape == (1, longest.inputs.shape[1], stats["vocab_size"])
+        assert torch.isfinite(logits).all()
+
+
+def test_the_shipped_configs_fit_the_machines_they_are_written_for():
+    from hlbd_ray.run import check_fits
+    from hlbd_ray.sweep import plan_resources
+
+    two_cpus = {"CPU": 2.0}
+    check_fits(load_config(CONF_DIR / "train.yaml").train, two_cpus)
+    # The CPU sweeps run two one-CPU trials at once on two cores...
+    for name in ("sweep.yaml", "smoke.yaml"):
+        assert plan_resources(load_config(CONF_DIR / name), two_cpus).max_concurrent == 2
+    # ...and the GPU sweep four trials on one GPU, a quarter each.
+    gpu = load_config(CONF_DIR / "gpu.yaml")
+    assert plan_resources(gpu, {"CPU": 16.0, "GPU": 1.0}).max_concurrent == 4
+
+
+def test_the_smoke_config_stays_a_smoke_test():
+    """The tests run conf/smoke.yaml end to end several times: it must stay tiny."""
+    cfg = load_config(CONF_DIR / "smoke.yaml")
+    data = prepare_data(cfg.data, cfg.train.max_len)
+    model = build_model(ModelSpec.from_config(cfg.model, len(data.build_tokenizer()), cfg.train.max_len))
+    batches = cfg.sweep.num_samples * cfg.train.epochs * num_batches(data.train, cfg.train.batch_size)
+    assert sum(p.numel() for p in model.parameters()) < 50_000
+    assert batches <= 200 and len(data.val) <= 50               # micro-batches over all trials
+    assert cfg.sweep.max_concurrent_trials <= 2 and cfg.train.num_workers == 1
 
 
 def test_overrides_win_over_the_file_and_defaults_fill_the_rest():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from hlbd_ray.config import SpaceConfig, SweepConfig
@@ -42,7 +43,36 @@ def test_searchers_and_schedulers_follow_the_config():
     basic = build_searcher(SweepConfig(search="random"), 2)
     assert isinstance(basic, BasicVariantGenerator) and basic.max_concurrent == 2
     asha = build_scheduler(SweepConfig(scheduler="asha", grace_period=5), max_epochs=3)
-    assert isinstance(asha, EpochASHA) and asha._time_attr == "epochs_done"
+    assert isinstance(asha, EpochASHA)
+    assert isinstance(build_scheduler(SweepConfig(scheduler="fifo"), max_epochs=3), FIFOScheduler)
+
+
+class Trial:
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+def test_asha_cuts_at_epoch_rungs_counted_by_epochs_done():
+    from ray.tune.schedulers import TrialScheduler
+
+    asha = build_scheduler(SweepConfig(grace_period=1, reduction_factor=2), max_epochs=4)
+    asha.set_search_properties("val_loss", "min")
+    good, bad = Trial("good"), Trial("bad")
+    for trial in (good, bad):
+        asha.on_trial_add(None, trial)
+    # Many reports within the first epoch reach no rung, however bad: results carry no
+    # training_iteration here, so the time attribute can only be epochs_done.
+    for _ in range(5):
+        assert asha.on_trial_result(None, bad, {"epochs_done": 0, "val_loss": 9.0}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, good, {"epochs_done": 1, "val_loss": 1.0}) == TrialScheduler.CONTINUE
+    # At the first epoch's rung the worse half stops.
+    assert asha.on_trial_result(None, bad, {"epochs_done": 1, "val_loss": 9.0}) == TrialScheduler.STOP
+    # The grace period is capped at the run's epochs: a trial that finished them stops.
+    short = build_scheduler(SweepConfig(grace_period=5), max_epochs=3)
+    short.set_search_properties("val_loss", "min")
+    short.on_trial_add(None, good)
+    assert short.on_trial_result(None, good, {"epochs_done": 2, "val_loss": 1.0}) == TrialScheduler.CONTINUE
+    assert short.on_trial_result(None, good, {"epochs_done": 3, "val_loss": 1.0}) == TrialScheduler.STOP
 
 
 def test_asha_treats_a_missing_metric_as_no_information():

@@ -1,4 +1,4 @@
-"""The training function in-process: true loss, accumulation, resume, skips, schedule."""
+"""The training function in-process: true loss, accumulation, reports, resume, skips, faults."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 from hlbd_ray.data import IGNORE_INDEX, Batch, iter_batches
 from hlbd_ray.metrics import token_loss_sum
-from hlbd_ray.optim import build_optimizer, lr_multiplier
 from hlbd_ray.session import LocalSession
 from hlbd_ray.train import TrainRun, train_locally
 
@@ -112,38 +111,3 @@ def test_injected_exception_fires_once_per_run_folder(tmp_path, micro_data):
         train_locally(cfg, micro_data, tmp_path / "run")
     # The marker makes the retry succeed, as a Train retry from the checkpoint would.
     assert train_locally(cfg, micro_data, tmp_path / "run2").reports[-1]["epochs_done"] == cfg.train.epochs
-
-
-def test_lr_schedule_warms_up_then_restarts_with_growing_periods():
-    cfg = micro_config("train.warmup_steps=4", "train.restart_steps=10", "train.restart_mult=2",
-                       "train.lr=1e-3", "train.min_lr=1e-5")
-    t = cfg.train
-    lrs = [lr_multiplier(s, t) * t.lr for s in range(4 + 10 + 20 + 1)]
-    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
-    assert lrs[4] == pytest.approx(1e-3)                      # first cosine period starts at the peak
-    assert lrs[13] == pytest.approx(1e-5, abs=3e-5)           # ...and ends near min_lr
-    assert lrs[14] == pytest.approx(1e-3)                     # warm restart
-    assert lrs[34] == pytest.approx(1e-3)                     # second period is twice as long
-    assert min(lrs) >= 1e-5 - 1e-12
-
-
-def test_norms_biases_and_embeddings_are_not_decayed(tmp_path, micro_data):
-    run = new_run(tmp_path, micro_data)
-    decay, no_decay = build_optimizer(run.model, run.t).param_groups
-    assert decay["weight_decay"] == run.t.weight_decay and no_decay["weight_decay"] == 0.0
-    embeddings = {id(p) for m in run.model.modules() if isinstance(m, torch.nn.Embedding)
-                  for p in m.parameters()}
-    assert embeddings and embeddings <= {id(p) for p in no_decay["params"]}
-    assert all(p.ndim >= 2 for p in decay["params"])
-    assert all(p.ndim < 2 or id(p) in embeddings for p in no_decay["params"])
-
-
-def test_auto_precision_uses_bf16_only_where_the_cpu_has_native_bf16():
-    from hlbd_ray.session import cpu_has_fast_bf16, resolve_precision
-
-    assert cpu_has_fast_bf16("flags\t\t: fpu sse avx512f avx512_bf16 avx2\n")
-    assert cpu_has_fast_bf16("flags\t\t: fpu amx_tile amx_bf16\n")
-    assert not cpu_has_fast_bf16("flags\t\t: fpu sse avx2 avx512f\nmodel name : amx_bf16 lookalike\n")
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if cpu_has_fast_bf16() else "fp32")
