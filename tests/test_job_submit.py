@@ -1,7 +1,11 @@
-"""`ray job submit` against a head on 127.0.0.1 that the test starts, and stops, itself."""
+"""`ray job submit` against a head on 127.0.0.1 that the test starts, and stops, itself.
+
+The job trains on the shipped HLBD Full file by its short name, resolved inside the job.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -37,7 +41,7 @@ def wait_until(check, timeout: float, what: str):
         time.sleep(1.0)
 
 
-def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
+def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
     gcs_port, dashboard_port = free_port(), free_port()
     env = {**os.environ, **RAY_TEST_ENV, "HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -53,7 +57,9 @@ def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO),
              "--runtime-env-json", EXCLUDES, "--", "python", "jobs/sweep.py",
-             "--config", "conf/smoke.yaml", f"output_dir={tmp_path / 'out'}"],
+             "--config", "conf/smoke.yaml", f"output_dir={tmp_path / 'out'}",
+             # The shipped HLBD Full file by its short name; 256 cuts none of its answers.
+             "data.paths=[hlbd:full]", "train.max_len=256", "train.max_steps=6"],
             env=env, capture_output=True, text=True, timeout=120)
         assert submit.returncode == 0, submit.stderr
         job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)
@@ -64,6 +70,14 @@ def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
         trials = pq.read_table(tmp_path / "out/smoke/report/trials.parquet").to_pylist()
         assert len(trials) == 4 and all(t["d_model"] % t["num_heads"] == 0 for t in trials)
         assert (tmp_path / "out/smoke/best_config.yaml").is_file()
+        report = json.loads((tmp_path / "out/smoke/report/experiment_report.json").read_text())
+        stats = report["dataset_stats"]
+        (source,) = stats["files"]
+        assert source["name"] == "hlbd:full" and source["read"] == 5000
+        # Resolved in the job's own copy of the package (the uploaded working directory).
+        assert source["path"].endswith("/hlbd_ray/hlbd_data/HLBD_Full_V2.json")
+        assert not source["path"].startswith(str(REPO))
+        assert stats["truncated_train"] == stats["truncated_val"] == 0
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
