@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,10 +48,14 @@ def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
     env = {**os.environ, **RAY_TEST_ENV, "HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     # --block keeps `ray start` in the foreground: killing its process group stops exactly
-    # this head (`ray stop` would stop every Ray of the user).
+    # this head (`ray stop` would stop every Ray of the user). Its own temp dir keeps its
+    # session and its `ray_current_cluster` record out of the shared one: a record left
+    # there by a killed head sends later clusters' state-API lookups (Ray Train's
+    # placement-group cleaner among them) to a dead address. Short: socket paths are limited.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rjs-"))
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--block"],
+         f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -87,11 +93,8 @@ def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
             head.wait()
     # Only what this test started is gone: the head's GCS port is free again.
     wait_until(lambda: _port_free(gcs_port), 30, "the head to stop")
-    # `ray start` records its head for later bare ray.init() calls; a killed head leaves
-    # that record behind, so remove it when (and only when) it names our head.
-    record = Path("/tmp/ray/ray_current_cluster")
-    if record.exists() and record.read_text().strip().endswith(f":{gcs_port}"):
-        record.unlink()
+    assert (temp_dir / "ray_current_cluster").read_text().strip().endswith(f":{gcs_port}")
+    shutil.rmtree(temp_dir)
 
 
 def _client(address: str):
