@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from hlbd_ray import hlbd_data
-from hlbd_ray.data import load_pairs
+from hlbd_ray.config import load_config
+from hlbd_ray.data import load_pairs, prepare_data
 from hlbd_ray.errors import UserError
 
-from .conftest import HLBD_DIR, HLBD_FILES
+from .conftest import HLBD_DIR, HLBD_FILES, REPO
 
 
 def test_the_short_names_are_the_files_of_this_checkout(hlbd_dir, tmp_path, monkeypatch):
@@ -42,3 +43,12 @@ def test_dataset_stats_record_the_file_read_and_the_name_given(hlbd_dir):
     assert (info["name"], info["source"], info["format"], info["read"]) == (
         "hlbd:hardcore_v1", "HLBD_Hardcore_Full.json", "hardcore", 575)
     assert len(pairs) == info["pairs"] == 575 - info["duplicates_dropped"]
+
+
+@pytest.mark.parametrize("conf, file", [("hlbd_full.yaml", "HLBD_Full_V2.json"),
+                                        ("hlbd_hardcore.yaml", "HLBD_Hardcore_Full_V2.json")])
+def test_the_real_data_sweeps_keep_every_answer_whole(conf, file, hlbd_dir):
+    cfg = load_config(REPO / "conf" / conf, [])
+    stats = prepare_data(cfg.data, cfg.train.max_len).dataset_stats
+    assert [f["path"] for f in stats["files"]] == [str(hlbd_dir / file)]
+    assert stats["truncated_train"] == stats["truncated_val"] == 0
