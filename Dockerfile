@@ -12,10 +12,13 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 WORKDIR /home/ray/hlbd-ray
 COPY --chown=ray:users pyproject.toml README.md ./
+# hlbd_ray/hlbd_data holds the shipped HLBD files: package data, installed with the code.
 COPY --chown=ray:users hlbd_ray ./hlbd_ray
 COPY --chown=ray:users conf ./conf
 COPY --chown=ray:users jobs ./jobs
 RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" .
+# The installed package (not the source tree here) resolves every short name to a file.
+RUN cd / && python -c "from hlbd_ray import hlbd_data as d; [open(d.resolve(d.PREFIX + n), 'rb').close() for n in d.FILES]"
 
 # The dashboard must stay on the cluster's private network; see README (Security).
 CMD ["bash"]

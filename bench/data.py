@@ -21,7 +21,6 @@ import os
 import pickle
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -32,9 +31,7 @@ from hlbd_ray.data import PreparedData, prepare_data  # noqa: E402
 
 from bench_output import print_json, print_load  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-HLBD_DIR = REPO.parent / "shared" / "data" / "hlbd"
-FILES = ("HLBD_Full_V2.json", "HLBD_Hardcore_Full_V2.json")
+DATA = ["hlbd:full", "hlbd:hardcore"]  # the shipped HLBD Full V2 and Hardcore V2 files
 MAX_LEN = 256  # conf/train.yaml
 
 
@@ -84,7 +81,7 @@ def per_trial(data: PreparedData, paths: list[str], trials: int) -> dict[str, li
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="HLBD load time and per-trial data hand-over")
-    parser.add_argument("--data-dir", default=str(HLBD_DIR))
+    parser.add_argument("--data", nargs="+", default=DATA, help="data.paths entries (files or hlbd: names)")
     parser.add_argument("--repeats", type=int, default=3, help="loads timed in this process")
     parser.add_argument("--trials", type=int, default=8, help="trial actors")
     parser.add_argument("--smoke", action="store_true", help="one load, two trials")
@@ -98,7 +95,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     load_start = print_load("start")
-    paths = [str(Path(args.data_dir) / name) for name in FILES]
+    paths = args.data
     loads, data = [], None
     for _ in range(args.repeats):
         seconds, data = load(paths)

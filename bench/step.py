@@ -31,7 +31,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -49,9 +48,7 @@ from hlbd_ray.train import TrainRun
 from bench_output import print_json, print_load
 from flops import flops_per_token
 
-REPO = Path(__file__).resolve().parent.parent
-HLBD_FILES = [REPO.parent / "shared" / "data" / "hlbd" / name
-              for name in ("HLBD_Full_V2.json", "HLBD_Hardcore_Full_V2.json")]
+HLBD_DATA = ["hlbd:full", "hlbd:hardcore"]  # the shipped HLBD Full V2 and Hardcore V2 files
 VARIANTS = ("ours_fp32", "plain_fp32", "ours_bf16", "plain_bf16", "autopoietic")
 Step = Callable[[], None]
 
@@ -277,7 +274,7 @@ def group_stream(args: argparse.Namespace, data: PreparedData, device: torch.dev
 
 
 def curve_data(args: argparse.Namespace) -> tuple[PreparedData, str]:
-    paths = [str(p) for p in HLBD_FILES if p.is_file()] if not args.smoke else []
+    paths = HLBD_DATA if not args.smoke else []
     cfg = load_config(None, [f"data.paths=[{','.join(paths)}]", f"train.max_len={args.max_len}",
                              f"data.generated_per_module={40 if args.smoke else 400}"])
     return prepare_data(cfg.data, cfg.train.max_len), ("HLBD files" if paths else "built-in generator")

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from hlbd_ray import datagen
+from hlbd_ray import datagen, hlbd_data
 from hlbd_ray.config import DataConfig
 from hlbd_ray.errors import UserError
 from hlbd_ray.tokenizer import PAD_ID, CharTokenizer
@@ -164,7 +164,10 @@ def _dedup(sources: list[tuple[dict, list[Pair]]]) -> tuple[list[Pair], dict]:
 
 
 def load_pairs(paths: list[str], generated_per_module: int, seed: int) -> tuple[list[Pair], dict]:
-    """Pairs of all `paths` in order (duplicates dropped), or generated ones if `paths` is empty."""
+    """Pairs of all `paths` in order (duplicates dropped), or generated ones if `paths` is empty.
+
+    A path is a file or the short name of a shipped file (`hlbd:full`, see hlbd_data).
+    """
     sources = []
     if not paths:
         doc = datagen.generate(generated_per_module, seed)
@@ -172,9 +175,11 @@ def load_pairs(paths: list[str], generated_per_module: int, seed: int) -> tuple[
         info = {"path": None, "source": GENERATED, "format": "hardcore", "seed": seed,
                 "per_module": generated_per_module}
         sources.append((info, pairs))
-    for path in paths:
+    resolved = [hlbd_data.resolve(given) for given in paths]  # a bad name fails before any read
+    for given, path in zip(paths, resolved):
         fmt, pairs = read_file(path)
-        sources.append(({"path": str(path), "source": Path(path).name, "format": fmt}, pairs))
+        # `name` keeps the config's spelling (hlbd:full), `path` the file actually read.
+        sources.append(({"path": path, "name": given, "source": Path(path).name, "format": fmt}, pairs))
     return _dedup(sources)
 
 

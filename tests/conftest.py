@@ -13,9 +13,10 @@ from hlbd_ray.config import Config, load_config
 from hlbd_ray.data import PreparedData, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
-# The real HLBD files live in ../shared beside the checkout (as in CI); tests that use
-# them fail loudly when they are missing instead of skipping into green.
-HLBD_DIR = REPO.parent / "shared" / "data" / "hlbd"
+# The real HLBD files ship inside the package (hlbd_ray/hlbd_data, package data); tests
+# read them from this checkout and fail loudly when one is missing instead of skipping.
+HLBD_DIR = REPO / "hlbd_ray" / "hlbd_data"
+HLBD_FILES = ("HLBD_Full_V2.json", "HLBD_Hardcore_Full_V2.json", "HLBD_Hardcore_Full.json")
 
 # Settings every Ray process of the test session inherits: Ray Train's controller polls
 # its workers every 2 s by default and each report waits for that poll; usage stats would
@@ -54,7 +55,8 @@ def micro_data() -> PreparedData:
 
 @pytest.fixture(scope="session")
 def hlbd_dir() -> Path:
-    assert HLBD_DIR.is_dir(), f"the real HLBD files are expected in {HLBD_DIR}"
+    missing = [name for name in (*HLBD_FILES, "LICENSE") if not (HLBD_DIR / name).is_file()]
+    assert not missing, f"the real HLBD files are expected in {HLBD_DIR}; missing: {missing}"
     return HLBD_DIR
 
 

@@ -62,6 +62,7 @@ CASES = [
     ("huge-line", text('{"data": {"m": [' + '{"input": "1", "output": "2"},' * 200_000), [], "data.json"),
     ("directory", directory, [], "is not a file"),
     ("missing-file", lambda folder: str(folder / "absent.json"), [], "absent.json"),
+    ("unknown-name", None, ["data.paths=[hlbd:fulll]"], "'hlbd:fulll': the shipped files are hlbd:full, "),
     ("unknown-key", None, ["model.nmu_heads=8"], "nmu_heads"),
     ("override-syntax", None, ["train.lr"], "key=value"),
     ("zero-lr", None, ["train.lr=0"], "train.lr must be > 0"),

@@ -19,14 +19,12 @@ from hlbd_ray.data import (IGNORE_INDEX, EncodedSplit, Pair, encode_pairs, iter_
 from hlbd_ray.errors import UserError
 from hlbd_ray.tokenizer import CharTokenizer
 
-from .conftest import HLBD_DIR
+from .conftest import HLBD_DIR, HLBD_FILES
 
-DATA = HLBD_DIR
-# The real files are part of the test setup (../shared beside the checkout): a missing
-# folder fails these tests through the fixture instead of skipping them.
+# The real files ship in the package folder of this checkout: a missing file fails these
+# tests through the fixture instead of skipping them.
 needs_data = pytest.mark.usefixtures("hlbd_dir")
-FULL, HARDCORE_V2, HARDCORE_V1 = (str(DATA / n) for n in
-                                  ("HLBD_Full_V2.json", "HLBD_Hardcore_Full_V2.json", "HLBD_Hardcore_Full.json"))
+FULL, HARDCORE_V2, HARDCORE_V1 = (str(HLBD_DIR / name) for name in HLBD_FILES)
 
 
 def full_sample(concept: str = "猫", korean_key: str = "韩文") -> dict:

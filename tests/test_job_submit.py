@@ -1,13 +1,19 @@
-"""`ray job submit` against a head on 127.0.0.1 that the test starts, and stops, itself."""
+"""`ray job submit` against a head on 127.0.0.1 that the test starts, and stops, itself.
+
+The job trains on the shipped HLBD Full file by its short name, resolved inside the job.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,15 +43,19 @@ def wait_until(check, timeout: float, what: str):
         time.sleep(1.0)
 
 
-def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
+def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
     gcs_port, dashboard_port = free_port(), free_port()
     env = {**os.environ, **RAY_TEST_ENV, "HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     # --block keeps `ray start` in the foreground: killing its process group stops exactly
-    # this head (`ray stop` would stop every Ray of the user).
+    # this head (`ray stop` would stop every Ray of the user). Its own temp dir keeps its
+    # session and its `ray_current_cluster` record out of the shared one: a record left
+    # there by a killed head sends later clusters' state-API lookups (Ray Train's
+    # placement-group cleaner among them) to a dead address. Short: socket paths are limited.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rjs-"))
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--block"],
+         f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -53,7 +63,9 @@ def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO),
              "--runtime-env-json", EXCLUDES, "--", "python", "jobs/sweep.py",
-             "--config", "conf/smoke.yaml", f"output_dir={tmp_path / 'out'}"],
+             "--config", "conf/smoke.yaml", f"output_dir={tmp_path / 'out'}",
+             # The shipped HLBD Full file by its short name; 256 cuts none of its answers.
+             "data.paths=[hlbd:full]", "train.max_len=256", "train.max_steps=6"],
             env=env, capture_output=True, text=True, timeout=120)
         assert submit.returncode == 0, submit.stderr
         job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)
@@ -64,6 +76,14 @@ def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
         trials = pq.read_table(tmp_path / "out/smoke/report/trials.parquet").to_pylist()
         assert len(trials) == 4 and all(t["d_model"] % t["num_heads"] == 0 for t in trials)
         assert (tmp_path / "out/smoke/best_config.yaml").is_file()
+        report = json.loads((tmp_path / "out/smoke/report/experiment_report.json").read_text())
+        stats = report["dataset_stats"]
+        (source,) = stats["files"]
+        assert source["name"] == "hlbd:full" and source["read"] == 5000
+        # Resolved in the job's own copy of the package (the uploaded working directory).
+        assert source["path"].endswith("/hlbd_ray/hlbd_data/HLBD_Full_V2.json")
+        assert not source["path"].startswith(str(REPO))
+        assert stats["truncated_train"] == stats["truncated_val"] == 0
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -73,11 +93,8 @@ def test_the_smoke_sweep_runs_as_a_submitted_job(tmp_path):
             head.wait()
     # Only what this test started is gone: the head's GCS port is free again.
     wait_until(lambda: _port_free(gcs_port), 30, "the head to stop")
-    # `ray start` records its head for later bare ray.init() calls; a killed head leaves
-    # that record behind, so remove it when (and only when) it names our head.
-    record = Path("/tmp/ray/ray_current_cluster")
-    if record.exists() and record.read_text().strip().endswith(f":{gcs_port}"):
-        record.unlink()
+    assert (temp_dir / "ray_current_cluster").read_text().strip().endswith(f":{gcs_port}")
+    shutil.rmtree(temp_dir)
 
 
 def _client(address: str):

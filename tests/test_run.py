@@ -57,10 +57,10 @@ def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
 def test_preflight_reports_truncation_and_resolves_paths(tmp_path, capsys, hlbd_dir):
     from hlbd_ray.run import preflight
 
-    cfg = load_config(SMOKE, [f"data.paths=[{hlbd_dir / 'HLBD_Full_V2.json'}]", "train.max_len=150",
-                              f"output_dir={tmp_path / 'out'}"])
+    cfg = load_config(SMOKE, ["data.paths=[hlbd:full]", "train.max_len=150", f"output_dir={tmp_path / 'out'}"])
     resolved, data = preflight(cfg)
     stats = data.dataset_stats
+    assert stats["files"][0]["path"] == str(hlbd_dir / "HLBD_Full_V2.json")
     cut = stats["truncated_train"] + stats["truncated_val"]
     assert cut > 0 and f"max_len 150 cuts {cut} answers" in capsys.readouterr().out
     assert resolved.output_dir == str(tmp_path / "out") and resolved.storage_path == resolved.output_dir
