@@ -26,6 +26,7 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from hlbd_ray import hlbd_data  # noqa: E402
 from hlbd_ray.config import DataConfig  # noqa: E402
 from hlbd_ray.data import PreparedData, prepare_data  # noqa: E402
 
@@ -104,7 +105,7 @@ def main() -> None:
     size_mb = len(pickle.dumps(data, protocol=5)) / 2 ** 20
     trials = per_trial(data, paths, args.trials)
     r = {"load_s": statistics.median(loads), "load_first_s": loads[0],
-         "files": paths, "pairs": stats["total"]["pairs"], "train_pairs": stats["train_pairs"],
+         "files": [hlbd_data.resolve(p) for p in paths], "pairs": stats["total"]["pairs"], "train_pairs": stats["train_pairs"],
          "vocab_size": stats["vocab_size"],
          "pickled_mb": size_mb, "put_ms": trials["put_ms"][0],
          "per_trial_get_ms": statistics.median(trials["get_ms"]), "per_trial_get_ms_max": max(trials["get_ms"]),

@@ -99,7 +99,7 @@ def test_sweep_smoke() -> None:
 def test_data_smoke(hlbd_dir: Path) -> None:
     from hlbd_ray.data import load_pairs
 
-    result = run_smoke("data.py", "--data-dir", str(hlbd_dir))
+    result = run_smoke("data.py", "--data", "hlbd:full", "hlbd:hardcore")
     check(result, set(), {"load_s", "per_trial_get_ms", "per_trial_reread_s"})
     # It loaded the real files, every distinct pair of them (counted here, independently).
     assert result["files"] and {Path(f).parent for f in result["files"]} == {hlbd_dir}
