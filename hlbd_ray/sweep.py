@@ -22,6 +22,7 @@ from hlbd_ray.config import Config, check_heads, from_dict, to_dict, to_yaml
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
 from hlbd_ray.files import atomic_write_json, atomic_write_text
 from hlbd_ray.metrics import finite_or_none
+from hlbd_ray.placement import describe, leftover_groups
 from hlbd_ray.run import build_trainer, preflight, storage_join, user_error_in
 from hlbd_ray.search import (ARCH_KEY, LR_KEY, build_scheduler, build_searcher, check_space,
                              decode_arch, param_space)
@@ -205,6 +206,11 @@ def run_sweep_job(cfg: Config) -> int:
                                       data.dataset_stats),
                      SweepStatus(cfg.sweep.metric, cfg.sweep.mode)]
         results = build_tuner(cfg, ray.put(data), resources, callbacks).fit()
+        left = leftover_groups()
+        print(f"placement groups left after the sweep: {len(left)}", flush=True)
+        for group in left:
+            print(f"  leaked {describe(group)}", flush=True)
+        atomic_write_json(report_dir / "sweep_end.json", {"placement_groups_left": len(left)})
         return finish(cfg, results, report_dir)
     finally:
         ray.shutdown()
