@@ -119,6 +119,10 @@ class SweepConfig:
     time_budget_s: float = 0.0
     # Retries of an errored trial by Tune (after Train's own retries are spent).
     trial_max_failures: int = 0
+    # Stop the sweep (state saved, exit code 3; rerunning resumes it) when no trial has
+    # reported for this long while trials are pending or running. 0: the longer of 10
+    # minutes or 3x the slowest epoch seen. Train's worker-group start timeout follows it.
+    stall_timeout_s: float = 0.0
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 
@@ -139,6 +143,10 @@ class FaultConfig:
     kill_at_step: int = -1
     nan_from_step: int = -1
     once: bool = True
+    # A worker sleeps `sleep_s` seconds at this optimizer step (-1: never): a stalled
+    # trial, for the sweep's stall watchdog.
+    sleep_at_step: int = -1
+    sleep_s: float = 3600.0
     # Only trials whose num_heads equals this value are faulted (0: all).
     only_num_heads: int = 0
 

@@ -64,8 +64,10 @@ def check_space(sweep: SweepConfig) -> list[str]:
         raise UserError(f"sweep.scheduler must be 'asha' or 'fifo', got {sweep.scheduler!r}")
     if sweep.mode not in ("min", "max"):
         raise UserError(f"sweep.mode must be 'min' or 'max', got {sweep.mode!r}")
-    if sweep.num_samples < 1 or sweep.max_concurrent_trials < 0 or sweep.time_budget_s < 0:
-        raise UserError("sweep.num_samples must be >= 1; max_concurrent_trials, time_budget_s >= 0")
+    if (sweep.num_samples < 1 or sweep.max_concurrent_trials < 0 or sweep.time_budget_s < 0
+            or sweep.stall_timeout_s < 0):
+        raise UserError("sweep.num_samples must be >= 1; max_concurrent_trials, time_budget_s, "
+                        "stall_timeout_s >= 0")
     if sweep.grace_period < 1 or sweep.reduction_factor < 2:
         raise UserError("sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
     if not sweep.name or "/" in sweep.name or sweep.name.startswith("."):

@@ -141,7 +141,8 @@ class FaultInjector:
 
     def __init__(self, cfg: Config, run_name: str):
         self.fault = cfg.fault
-        steps = (self.fault.raise_at_step, self.fault.kill_at_step, self.fault.nan_from_step)
+        steps = (self.fault.raise_at_step, self.fault.kill_at_step, self.fault.nan_from_step,
+                 self.fault.sleep_at_step)
         targeted = self.fault.only_num_heads in (0, cfg.model.num_heads)
         self.active = targeted and any(s >= 0 for s in steps)
         self.marker_dir = Path(cfg.output_dir).resolve() / ".faults" / run_name
@@ -163,6 +164,8 @@ class FaultInjector:
             raise RuntimeError(f"injected fault: exception at step {step}")
         if step == self.fault.kill_at_step and self._fire_once("kill"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.fault.sleep_at_step and self._fire_once("sleep"):
+            time.sleep(self.fault.sleep_s)
 
     def poison(self, step: int) -> bool:
         return self.active and 0 <= self.fault.nan_from_step <= step

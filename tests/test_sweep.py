@@ -16,7 +16,8 @@ import ray
 
 from hlbd_ray.config import load_config
 from hlbd_ray.errors import EXIT_USER_ERROR, UserError, run_cli
-from hlbd_ray.sweep import DRIVER_CPU, SweepStatus, main, plan_resources, status_line, trial_config
+from hlbd_ray.console import SweepStatus, status_line
+from hlbd_ray.sweep import DRIVER_CPU, main, plan_resources, trial_config
 
 from .conftest import REPO, RAY_TEST_ENV, run_job
 
