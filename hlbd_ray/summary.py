@@ -72,8 +72,9 @@ def outcome_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def outcome_line(counts: dict[str, int], scheduler: str) -> str:
+    always = (COMPLETED, ERRORED) + ((STOPPED,) if scheduler != "fifo" else ())
     parts = [f"{n} {OUTCOME_WORDS[status].format(scheduler=scheduler.upper())}"
-             for status, n in counts.items() if n or status in (COMPLETED, STOPPED, ERRORED)]
+             for status, n in counts.items() if n or status in always]
     return f"trials: {sum(counts.values())} = " + ", ".join(parts)
 
 
