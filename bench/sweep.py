@@ -129,7 +129,11 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
     from hlbd_ray.cluster import ray_env_vars, require_state_api
     from hlbd_ray.report import ReportAggregator
     from hlbd_ray.run import preflight
-    from hlbd_ray.sweep import SweepStatus, build_tuner, finish, plan_resources
+    from hlbd_ray import live
+    from hlbd_ray.console import SweepStatus
+    from hlbd_ray.placement import PlacementGroupKeeper
+    from hlbd_ray.summary import finish
+    from hlbd_ray.sweep import build_tuner, plan_resources
 
     lives: dict[str, dict[str, Any]] = defaultdict(dict)
 
@@ -169,13 +173,15 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
         resources = plan_resources(cfg, ray.cluster_resources())
         callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
                                       data.dataset_stats),
-                     SweepStatus(cfg.sweep.metric, str(cfg.sweep.mode)), Lifetimes()]
+                     live.register("status", SweepStatus(cfg.sweep.metric, cfg.sweep.mode)),
+                     live.register("placements", PlacementGroupKeeper()), Lifetimes()]
         tuner = build_tuner(cfg, ray.put(data), resources, callbacks)
         start = time.time()
         results = tuner.fit()
         end = time.time()
         finish(cfg, results, report_dir)
     finally:
+        live.clear()
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
     return {"trials": dict(lives), "start": start, "end": end, "slots": resources.max_concurrent,

@@ -17,28 +17,37 @@ log = logging.getLogger(__name__)
 # process, which lives wherever Ray starts actors: hence the driver env (a local cluster
 # inherits it) *and* the job's runtime_env (an existing cluster does not).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# How long a Train controller waits for its worker group's placement group before it
+# gives up and retries (Train's default: 60 s). Read by the controller: same route.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
-def ray_env_vars(cluster: ClusterConfig) -> dict[str, str]:
+def ray_env_vars(cluster: ClusterConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Env vars for every Ray process of this job; a value the user already set wins."""
     wanted = {HEALTH_CHECK_ENV: str(cluster.health_check_interval_s),
               # The spot-node preemption watcher costs ~1 s per run start and only matters
               # on clusters with preemptible nodes (set it to 1 there).
-              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **(extra or {})}
     return {k: v for k, v in wanted.items() if k not in os.environ}
 
 
-def start_ray(cluster: ClusterConfig) -> dict[str, Any]:
+def start_ray(cluster: ClusterConfig, extra_env: dict[str, str] | None = None,
+              setup_hook: str | None = None) -> dict[str, Any]:
     """Attach to a running cluster (cluster.address or RAY_ADDRESS) or start a local one.
 
+    `extra_env` joins the env vars of every Ray process of the job; `setup_hook`
+    ("module.function") runs in each of its worker processes at start.
     A local cluster binds its dashboard to cluster.dashboard_host (127.0.0.1 unless the
     user asks otherwise): exposing it would hand job submission to the network.
     """
     import ray
 
-    env = ray_env_vars(cluster)
+    env = ray_env_vars(cluster, extra_env)
     os.environ.update(env)
-    runtime_env = {"env_vars": env} if env else None
+    runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
+    if setup_hook:
+        runtime_env["worker_process_setup_hook"] = setup_hook
+    runtime_env = runtime_env or None
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

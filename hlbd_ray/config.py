@@ -159,6 +159,10 @@ class SweepConfig:
     time_budget_s: float = 0.0
     # Retries of an errored trial by Tune (after Train's own retries are spent).
     trial_max_failures: int = 0
+    # Stop the sweep (state saved, exit code 3; rerunning resumes it) when no trial has
+    # reported for this long while trials are pending or running. 0: the longer of 10
+    # minutes or 3x the slowest epoch seen. Train's worker-group start timeout follows it.
+    stall_timeout_s: float = 0.0
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 
@@ -179,6 +183,10 @@ class FaultConfig:
     kill_at_step: int = -1
     nan_from_step: int = -1
     once: bool = True
+    # A worker sleeps `sleep_s` seconds at this optimizer step (-1: never): a stalled
+    # trial, for the sweep's stall watchdog.
+    sleep_at_step: int = -1
+    sleep_s: float = 3600.0
     # Only trials whose num_heads equals this value are faulted (0: all).
     only_num_heads: int = 0
 
@@ -314,8 +322,10 @@ def check_sweep(s: SweepConfig) -> None:
     _require(0 < sp.lr_min <= sp.lr_max and math.isfinite(sp.lr_max),
              f"sweep.space needs 0 < lr_min <= lr_max, got {sp.lr_min}, {sp.lr_max}")
     _require(sp.lr_grid_points >= 1, f"sweep.space.lr_grid_points must be >= 1, got {sp.lr_grid_points}")
-    _require(s.num_samples >= 1 and s.max_concurrent_trials >= 0 and s.time_budget_s >= 0,
-             "sweep.num_samples must be >= 1; max_concurrent_trials, time_budget_s >= 0")
+    _require(s.num_samples >= 1 and s.max_concurrent_trials >= 0 and s.time_budget_s >= 0
+             and s.stall_timeout_s >= 0,
+             "sweep.num_samples must be >= 1; max_concurrent_trials, time_budget_s, "
+             "stall_timeout_s >= 0")
     _require(s.grace_period >= 1 and s.reduction_factor >= 2,
              "sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
     _require(bool(s.name) and "/" not in s.name and not s.name.startswith("."),

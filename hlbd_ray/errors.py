@@ -11,6 +11,9 @@ class UserError(Exception):
 
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
+# A sweep that stopped early with its state saved: rerunning the same command resumes it.
+# 3: the stall watchdog fired; 128 + signal number for SIGINT (Ctrl-C) and SIGTERM, as shells do.
+EXIT_STALLED, EXIT_SIGINT, EXIT_SIGTERM = 3, 130, 143
 
 
 def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:

@@ -72,11 +72,14 @@ def make_metrics_callback(path: Path):
 
 
 def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
-                  callbacks: list[Any] | None = None, worker_cpu: float | None = None):
+                  callbacks: list[Any] | None = None, worker_cpu: float | None = None,
+                  label_selector: dict[str, str] | None = None):
     """A TorchTrainer for one run; `data` is a PreparedData or its ObjectRef.
 
     `worker_cpu` overrides what each worker asks for (a sweep trial's driver takes a
     sliver of the trial's CPUs); threads still follow train.cpus_per_worker.
+    `label_selector` goes to every worker and every bundle of the run's placement
+    groups (a sweep trial marks its groups with it, see placement.py).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -88,7 +91,7 @@ def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
     if t.gpus_per_worker > 0:
         resources["GPU"] = t.gpus_per_worker
     scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
-                            resources_per_worker=resources)
+                            resources_per_worker=resources, label_selector=label_selector)
     run_config = RunConfig(
         name=name, storage_path=storage_path,
         failure_config=FailureConfig(max_failures=t.max_failures),

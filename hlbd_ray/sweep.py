@@ -16,13 +16,17 @@ from typing import Any
 
 from ray import tune
 
+from hlbd_ray import live
 from hlbd_ray.cli import parse_job_args
-from hlbd_ray.cluster import require_state_api, start_ray
-from hlbd_ray.config import Config, check_heads, from_dict, to_dict, to_yaml, validate
-from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
-from hlbd_ray.files import atomic_write_json, atomic_write_text
-from hlbd_ray.metrics import finite_or_none
+from hlbd_ray.cluster import START_TIMEOUT_ENV, require_state_api, start_ray
+from hlbd_ray.config import Config, SweepConfig, check_heads, from_dict, to_dict, validate
+from hlbd_ray.console import BUDGET, INTERRUPTED, SweepStatus, driver_log
+from hlbd_ray.errors import UserError
+from hlbd_ray.lifecycle import (STALL_FLOOR_S, Interrupt, StallWatchdog, SweepInterrupted,
+                                resume_hint)
+from hlbd_ray.placement import PlacementGroupKeeper, describe, trial_tag
 from hlbd_ray.run import build_trainer, preflight, storage_join, user_error_in
+from hlbd_ray.summary import finish
 from hlbd_ray.search import (ARCH_KEY, LR_KEY, build_scheduler, build_searcher, decode_arch,
                              param_space)
 
@@ -78,13 +82,16 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
 def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], train_storage: str,
               worker_cpu: float) -> None:
     """Tune function trainable: one trial = one Ray Train run, reported through Tune."""
+    import ray
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(from_dict(base), params)
     trial_id = tune.get_context().get_trial_id()
+    # The mark lets the sweep driver free this trial's placement groups (placement.py).
+    mark = trial_tag(trial_id, ray.get_runtime_context().get_actor_id())
     trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
-                            worker_cpu=worker_cpu)
+                            worker_cpu=worker_cpu, label_selector=mark)
     try:
         trainer.fit()
     except TrainingFailedError as err:
@@ -93,64 +100,6 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
             raise      # Tune records the Train error, whose last line names the cause
         # A user error inside a worker (e.g. a refused checkpoint): its one line is enough.
         raise RuntimeError(str(cause)) from None
-
-
-class SweepStatus(tune.Callback):
-    """One live line on the driver instead of Tune's full table every few seconds."""
-
-    def __init__(self, metric: str, mode: str, every_s: float = 10.0):
-        self.metric, self.mode, self.every_s = metric, mode, every_s
-        self.best: dict[str, float] = {}      # each trial's best metric so far
-        self.last_print = self.started = time.monotonic()
-
-    def setup(self, **info: Any) -> None:
-        # Also runs after a restore, where this object comes back from the tuner's pickle.
-        self.last_print = self.started = time.monotonic()
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:
-        value = result.get(self.metric)
-        if value is not None and better(value, self.best.get(trial.trial_id), self.mode):
-            self.best[trial.trial_id] = value
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if time.monotonic() - self.last_print >= self.every_s:
-            self.print_line(trials)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.print_line(trials)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.print_line(trials)
-
-    def print_line(self, trials: list) -> None:
-        self.last_print = time.monotonic()
-        print(status_line(trials, self.best, self.metric, self.mode,
-                          time.monotonic() - self.started), flush=True)
-
-
-def better(value: float, than: float | None, mode: str) -> bool:
-    return than is None or (value < than if mode == "min" else value > than)
-
-
-def status_line(trials: list, best: dict[str, float], metric: str, mode: str,
-                elapsed: float) -> str:
-    counts = {"TERMINATED": 0, "RUNNING": 0, "PENDING": 0, "ERROR": 0, "PAUSED": 0}
-    for trial in trials:
-        counts[trial.status] = counts.get(trial.status, 0) + 1
-    leader = None
-    for trial in trials:
-        value = best.get(trial.trial_id)
-        if value is not None and (leader is None or better(value, best[leader.trial_id], mode)):
-            leader = trial
-    summary = "no result yet"
-    if leader is not None:
-        cfg = leader.config
-        summary = (f"best {metric} {best[leader.trial_id]:.4f} "
-                   f"({leader.trial_id}: {cfg[ARCH_KEY]}, lr {cfg[LR_KEY]:.2e})")
-    minutes, seconds = divmod(int(elapsed), 60)
-    return (f"[sweep {minutes:02d}:{seconds:02d}] {counts['TERMINATED']} done, {counts['ERROR']} errored, "
-            f"{counts['RUNNING']} running, {counts['PENDING'] + counts['PAUSED']} pending | {summary}")
 
 
 def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks: list[Any]):
@@ -182,94 +131,69 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
 
 
 def run_sweep_job(cfg: Config) -> int:
-    """Validate everything that can be checked without Ray, then run (or resume) the sweep."""
+    """Validate everything that can be checked without Ray, then run (or resume) the sweep.
+
+    Exit codes: 0 done, 1 every trial failed, 2 user error, 3 stalled, 130 SIGINT (Ctrl-C),
+    143 SIGTERM; after 3, 130 and 143 the same command resumes the sweep.
+    """
     validate(cfg, sweep=True)
     cfg, data = preflight(cfg)
     report_dir = Path(cfg.output_dir) / cfg.sweep.name
+    interrupt = Interrupt()
+    with interrupt.installed(), driver_log(report_dir / "sweep.log"):
+        try:
+            return run_sweep(cfg, data, report_dir, interrupt)
+        except SweepInterrupted as stop:
+            print(resume_hint(stop.reason), file=sys.stderr, flush=True)
+            return stop.code
+
+
+def start_timeout_s(sweep: SweepConfig) -> float:
+    """Train's worker-group start timeout in a sweep: a trial whose workers wait for CPUs
+    that another trial is about to free is not failing. The stall watchdog, which sees
+    the whole sweep, is what ends a real stall; this only keeps a start bounded."""
+    return sweep.stall_timeout_s if sweep.stall_timeout_s > 0 else STALL_FLOOR_S
+
+
+def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt) -> int:
     import ray
 
     from hlbd_ray.report import ReportAggregator
 
-    start_ray(cfg.cluster)
+    s = cfg.sweep
+    start_ray(cfg.cluster, {START_TIMEOUT_ENV: f"{start_timeout_s(s):g}"},
+              setup_hook="hlbd_ray.console.quiet_expected_events")
+    interrupt.take_signals()
     try:
         require_state_api()
         resources = plan_resources(cfg, ray.cluster_resources())
-        print(f"sweep {cfg.sweep.name}: {cfg.sweep.num_samples} samples, {cfg.sweep.search} search, "
-              f"{cfg.sweep.scheduler} scheduler, up to {resources.max_concurrent} trials at once; "
-              f"reports in {report_dir}", flush=True)
+        print(f"sweep {s.name}: {s.num_samples} samples, {s.search} search, {s.scheduler} scheduler, "
+              f"up to {resources.max_concurrent} trials at once; reports in {report_dir}", flush=True)
+        status = live.register("status", SweepStatus(s.metric, s.mode, max_epochs=cfg.train.epochs,
+                                                     scheduler=s.scheduler))
+        keeper = live.register("placements", PlacementGroupKeeper())
+        watchdog = live.register("watchdog", StallWatchdog(interrupt, s.stall_timeout_s))
         callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
-                                      data.dataset_stats),
-                     SweepStatus(cfg.sweep.metric, str(cfg.sweep.mode))]
-        results = build_tuner(cfg, ray.put(data), resources, callbacks).fit()
-        return finish(cfg, results, report_dir)
+                                      data.dataset_stats), status, keeper, watchdog]
+        tuner = build_tuner(cfg, ray.put(data), resources, callbacks)
+        with interrupt.tune_fit():
+            results = tuner.fit()
+        left = keeper.settle()
+        for group in left:
+            print(f"placement group left after the sweep: {describe(group)}", file=sys.stderr)
+        cut_short = INTERRUPTED if interrupt.reason or not s.time_budget_s else BUDGET
+        code = finish(cfg, results, report_dir,
+                      outcome=lambda tid, errored: status.outcome(tid, errored, cut_short),
+                      stopped_by=interrupt.reason, stop_code=interrupt.code,
+                      placement=keeper.summary(len(left)))
+        if interrupt.reason:
+            print(resume_hint(interrupt.reason), file=sys.stderr, flush=True)
+        return code
     finally:
+        live.clear()
         ray.shutdown()
 
 
 def main(argv: list[str]) -> int:
     """`jobs/sweep.py`: a num_heads x learning-rate sweep, Ray Tune over Ray Train."""
     return run_sweep_job(parse_job_args(argv, "sweep.yaml", description=main.__doc__ or ""))
-
-
-def trial_rows(results: Any, metric: str, mode: str) -> list[dict[str, Any]]:
-    """One summary row per trial, from Tune's own results (independent of our reports)."""
-    rows = []
-    for result in results:
-        history = result.metrics_dataframe
-        last = result.metrics or {}
-        row: dict[str, Any] = {
-            "trial_id": last.get("trial_id") or Path(result.path).name,
-            "arch": result.config.get(ARCH_KEY), "lr": result.config.get(LR_KEY),
-            "status": "ERROR" if result.error else "DONE",
-            "epochs": last.get("epochs_done", 0), "time_s": last.get("time_total_s"),
-            "best_metric": None, "best_val_loss": None, "best_val_ppl": None, "best_val_acc": None,
-            "checkpoint": last.get("checkpoint_path"), "note": last.get("stop_reason") or "",
-        }
-        if result.error:
-            row["note"] = str(result.error).strip().splitlines()[-1][:200]
-        if history is not None and metric in history and history[metric].notna().any():
-            column = history[metric]
-            best = history.loc[column.idxmin() if mode == "min" else column.idxmax()]
-            row.update(best_metric=finite_or_none(best[metric]),
-                       best_val_loss=finite_or_none(best.get("val_loss")),
-                       best_val_ppl=finite_or_none(best.get("val_ppl")),
-                       best_val_acc=finite_or_none(best.get("val_acc")))
-        rows.append(row)
-    return rows
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    header = f"{'trial':<12} {'arch':<8} {'lr':>9} {'status':<6} {'epochs':>6} {'val_loss':>9} " \
-             f"{'val_ppl':>9} {'val_acc':>8} {'time_s':>7}  note"
-    print("\n" + header)
-    for r in rows:
-        def num(key: str, spec: str) -> str:
-            value = r.get(key)
-            return "-" if value is None or value != value else format(value, spec)
-        print(f"{r['trial_id']:<12} {r['arch'] or '-':<8} {num('lr', '.2e'):>9} {r['status']:<6} "
-              f"{r['epochs']:>6} {num('best_val_loss', '.4f'):>9} {num('best_val_ppl', '.3f'):>9} "
-              f"{num('best_val_acc', '.4f'):>8} {num('time_s', '.0f'):>7}  {r['note']}")
-
-
-def finish(cfg: Config, results: Any, exp_dir: Path) -> int:
-    """Print the trials table, save the best config; exit 1 only if every trial failed."""
-    s = cfg.sweep
-    rows = trial_rows(results, s.metric, s.mode)
-    print_table(rows)
-    scored = [r for r in rows if r["best_metric"] is not None]
-    if scored:
-        pick = min if s.mode == "min" else max
-        best = pick(scored, key=lambda r: r["best_metric"])
-        best_cfg = trial_config(cfg, {ARCH_KEY: best["arch"], LR_KEY: best["lr"]})
-        atomic_write_text(exp_dir / "best_config.yaml", to_yaml(best_cfg))
-        atomic_write_json(exp_dir / "best.json", {k: best[k] for k in (
-            "trial_id", "arch", "lr", "best_metric", "best_val_loss", "best_val_ppl", "best_val_acc",
-            "epochs", "checkpoint")})
-        print(f"\nbest trial {best['trial_id']}: {best['arch']} lr {best['lr']:.3e} "
-              f"{s.metric} {best['best_metric']:.4f}\n  config     {exp_dir / 'best_config.yaml'}\n"
-              f"  checkpoint {best['checkpoint']}")
-    errored = [r for r in rows if r["status"] == "ERROR"]
-    if rows and len(errored) == len(rows):
-        print(f"\nevery trial failed ({len(rows)}); first error: {errored[0]['note']}", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK

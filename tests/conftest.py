@@ -60,6 +60,14 @@ def hlbd_dir() -> Path:
     return HLBD_DIR
 
 
+def ray_temp_dir() -> Path:
+    """Where the local clusters of this test session keep their sessions: Ray's rule
+    (ray/_common/utils.py `get_default_ray_temp_dir`, not public): $RAY_TMPDIR, else
+    $TMPDIR on Linux, else /tmp; then "ray"."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(base) / "ray"
+
+
 def run_job(script: str, *args: str, timeout: float = 600, env: dict | None = None,
             cwd: Path = REPO):
     """Run a job script as users do (a subprocess), with the test Ray settings."""

@@ -17,7 +17,7 @@ import pytest
 
 from hlbd_ray.tables import read_parquet
 
-from .conftest import REPO, RAY_TEST_ENV, run_job
+from .conftest import REPO, RAY_TEST_ENV, ray_temp_dir, run_job
 
 pytestmark = pytest.mark.slow
 SMOKE = str(REPO / "conf" / "smoke.yaml")
@@ -70,6 +70,8 @@ def test_a_trial_failing_every_retry_errors_alone_and_the_sweep_succeeds(tmp_pat
     assert by_heads[2]["status"] == "ERROR" and "injected fault" in by_heads[2]["error"]
     assert by_heads[4]["status"] == "TERMINATED" and by_heads[4]["epochs"] == 3
     assert "ERROR" in result.stdout and "injected fault" in result.stdout
+    # The real error reaches the console as the trial's own line, with its traceback's file.
+    assert any("errored: " in line and "injected fault" in line for line in result.stdout.splitlines())
 
 
 def test_when_every_trial_fails_the_exit_code_says_so(tmp_path):
@@ -178,7 +180,7 @@ def test_a_worker_killed_from_outside_mid_epoch_is_replaced_and_nothing_is_lost(
 
     # Tune's own result log (one flushed line per result) in the driver's staging folder,
     # which reaches output_dir only at Tune's periodic syncs.
-    staging = Path("/tmp/ray/session_latest/artifacts")
+    staging = ray_temp_dir() / "session_latest" / "artifacts"
 
     def mid_second_epoch() -> bool:
         """Past epoch 1's first report, so after the epoch-0 checkpoint."""

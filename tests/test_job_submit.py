@@ -73,6 +73,8 @@ def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
         logs = client.get_job_logs(job_id)
         assert status == "SUCCEEDED", logs[-3000:]
         assert "best trial" in logs and "[sweep" in logs
+        # What the dashboard shows under Jobs -> Log: a line per trial event.
+        assert logs.count(" started: ") == 4 and "trials: 4 = " in logs
         trials = pq.read_table(tmp_path / "out/smoke/report/trials.parquet").to_pylist()
         assert len(trials) == 4 and all(t["d_model"] % t["num_heads"] == 0 for t in trials)
         assert (tmp_path / "out/smoke/best_config.yaml").is_file()

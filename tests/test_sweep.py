@@ -16,7 +16,8 @@ import ray
 
 from hlbd_ray.config import load_config
 from hlbd_ray.errors import EXIT_USER_ERROR, UserError, run_cli
-from hlbd_ray.sweep import DRIVER_CPU, SweepStatus, main, plan_resources, status_line, trial_config
+from hlbd_ray.console import SweepStatus, status_line
+from hlbd_ray.sweep import DRIVER_CPU, main, plan_resources, trial_config
 
 from .conftest import REPO, RAY_TEST_ENV, run_job
 
@@ -122,6 +123,12 @@ def test_smoke_sweep_end_to_end(tmp_path):
     for name in ("curves.parquet", "epochs.parquet", "experiment_report.json"):
         assert (exp / "report" / name).is_file()
     assert "best trial" in result.stdout and "[sweep" in result.stdout
+    # A console a new user can read: a line per trial start and end, the outcome counts,
+    # and none of the Ray tracebacks or cleaner chatter of trials being stopped.
+    out = result.stdout + result.stderr
+    assert result.stdout.count(" started: ") == 4 and "trials: 4 = " in result.stdout
+    assert "stopped early by ASHA" in result.stdout
+    assert "Traceback" not in out and "PlacementGroupCleaner" not in out, out[-3000:]
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
