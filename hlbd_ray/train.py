@@ -27,7 +27,7 @@ from hlbd_ray.metrics import (TokenCounts, Window, all_reduce_sums, count_tokens
 from hlbd_ray.model import ModelSpec, build_model
 from hlbd_ray.optim import build_lr_schedule, build_optimizer, restore_lr_schedule, run_length
 from hlbd_ray.progress import EpochBar
-from hlbd_ray.session import LocalSession, RayTrainSession, resolve_precision, scratch_dir
+from hlbd_ray.session import LocalSession, RayTrainSession, autocast, resolve_precision, scratch_dir
 from hlbd_ray.tokenizer import CharTokenizer
 
 
@@ -155,10 +155,7 @@ class TrainRun:
             yield group
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
