@@ -70,7 +70,7 @@ def bench_config(args: argparse.Namespace, out: Path) -> Config:
         f"train.batch_size={args.batch}", "train.grad_accum=1", "train.epochs=1",
         f"train.max_steps={args.steps}", f"train.report_every={args.report_every}",
         "train.precision=fp32", f"train.cpus_per_worker={args.threads}", "train.max_failures=0",
-        "train.progress_bar=false", "train.exact_samples=8", f"output_dir={out}",
+        "train.progress_bar=false", f"output_dir={out}",
         "sweep.search=grid", "sweep.scheduler=fifo", "sweep.num_samples=1",
         f"sweep.space.d_model=[{args.d_model}]", "sweep.space.num_heads=[4]",
         "sweep.space.lr_min=3e-4", "sweep.space.lr_max=3e-4", "sweep.space.lr_grid_points=1",

@@ -199,7 +199,11 @@ def synthetic_batches(args: argparse.Namespace, device: torch.device, count: int
 
 
 def ours_config(args: argparse.Namespace, precision: str, attention: str = "standard") -> Config:
+    # The LR plan spans the fp32/bf16 curve: warmup, then one cosine that ends on its last
+    # step. Epochs are only an upper bound here (the stub split is one step per epoch).
+    steps = max(args.curve_steps, 40)
     return load_config(None, [
+        f"train.epochs={steps}", f"train.max_steps={steps}",
         f"model.d_model={args.d_model}", f"model.num_layers={args.layers}",
         f"model.num_heads={args.heads}", f"model.d_ff={args.d_ff}", f"model.dropout={args.dropout}",
         f"model.attention={attention}", f"train.batch_size={args.batch}", "train.grad_accum=1",

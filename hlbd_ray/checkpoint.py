@@ -86,6 +86,16 @@ def _safe_load(path: Path) -> Any:
 def load_checkpoint(folder: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(shared state, this rank's RNG state or None if the run had fewer workers)."""
     folder = Path(folder)
+    state = load_state(folder)
+    rng_path = folder / rng_file(rank)
+    return state, (_safe_load(rng_path) if rng_path.exists() else None)
+
+
+def load_state(folder: str | Path) -> dict[str, Any]:
+    """The shared state alone (what inference needs), checked like any checkpoint."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder missing: {folder}")
     state = _safe_load(folder / STATE_FILE)
     if not isinstance(state, dict) or not REQUIRED_KEYS <= set(state):
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
@@ -93,5 +103,4 @@ def load_checkpoint(folder: str | Path, rank: int) -> tuple[dict[str, Any], dict
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {folder} has format {state['format_version']}, expected {FORMAT_VERSION}")
-    rng_path = folder / rng_file(rank)
-    return state, (_safe_load(rng_path) if rng_path.exists() else None)
+    return state

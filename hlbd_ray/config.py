@@ -56,6 +56,12 @@ class Search(Choice):
     optuna = "optuna"   # Optuna TPE
 
 
+class Schedule(Choice):
+    cosine = "cosine"       # warmup, then one cosine from lr to min_lr over the whole run
+    restarts = "restarts"   # warmup x cosine with warm restarts on epoch boundaries
+    constant = "constant"   # warmup, then flat at lr
+
+
 class Scheduler(Choice):
     asha = "asha"   # early stopping at epoch rungs
     fifo = "fifo"   # every trial runs to the end
@@ -99,11 +105,17 @@ class TrainConfig:
     grad_accum: int = 2
     lr: float = 3e-4
     weight_decay: float = 0.01
-    # Linear warmup, then cosine annealing with warm restarts (optimizer steps).
+    # The learning-rate schedule (hlbd_ray/optim.py): a linear warmup over warmup_steps
+    # optimizer steps, then `schedule`. The run's length in steps follows from epochs,
+    # data size, batch_size, grad_accum, num_workers and max_steps.
+    schedule: Schedule = Schedule.cosine
     warmup_steps: int = 20
-    restart_steps: int = 200
-    restart_mult: int = 2
     min_lr: float = 1e-5
+    # schedule=restarts only (the reference's CosineAnnealingWarmRestarts, in epochs):
+    # the first cosine period lasts restart_period_epochs (T_0), each next one
+    # restart_period_mult (T_mult) times the one before; restarts fall on epoch boundaries.
+    restart_period_epochs: int = 10
+    restart_period_mult: int = 2
     grad_clip: float = 1.0
     precision: Precision = Precision.auto
     # Longest sequence [BOS] prompt [SEP] answer [EOS]; longer answers are cut (and
@@ -113,8 +125,6 @@ class TrainConfig:
     loss_on: LossOn = LossOn.answer
     # Report (and send batch losses) every N optimizer steps.
     report_every: int = 10
-    # Validation pairs greedily decoded for val_exact at each epoch end.
-    exact_samples: int = 32
     # Stop the run when this many optimizer steps in a row had non-finite gradients.
     max_consecutive_skips: int = 20
     # Stop after this many optimizer steps in total (0: no limit); for smoke runs.
@@ -346,15 +356,16 @@ def validate(cfg: Config, sweep: bool = False) -> None:
     _positive(**{"train.lr": t.lr, "train.epochs": t.epochs,
                  "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                  "train.max_len": t.max_len, "train.report_every": t.report_every,
-                 "train.num_workers": t.num_workers, "train.restart_steps": t.restart_steps,
+                 "train.num_workers": t.num_workers,
+                 "train.restart_period_epochs": t.restart_period_epochs,
                  "data.max_vocab": d.max_vocab, "report.points_per_epoch": cfg.report.points_per_epoch,
                  "report.every_s": cfg.report.every_s})
     _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     _require(d.generated_per_module > 0 or bool(d.paths),
              "data.generated_per_module must be > 0 when data.paths is empty")
     _require(t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}")
-    _require(t.warmup_steps >= 0 and t.max_steps >= 0 and t.restart_mult >= 1,
-             "train.warmup_steps and train.max_steps must be >= 0, train.restart_mult >= 1")
+    _require(t.warmup_steps >= 0 and t.max_steps >= 0 and t.restart_period_mult >= 1,
+             "train.warmup_steps and train.max_steps must be >= 0, train.restart_period_mult >= 1")
     _require(t.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}")
     _require(t.gpus_per_worker >= 0, f"train.gpus_per_worker must be >= 0, got {t.gpus_per_worker}")
     # batch_losses travel in every report; keep that list bounded.

@@ -1,6 +1,9 @@
 """Language-model metrics from summed counts: true loss, overflow-safe perplexity,
 token accuracy with padding masked out, and their all-reduce across workers.
 
+[UNK] stands for a character the vocabulary cannot hold, so predicting it is never a
+match: a position whose label is [UNK] counts as a wrong token (it stays in the
+accuracy's denominator, which is the loss's token count) and its answer is never exact.
 Every metric is built from sums (loss x tokens, correct tokens, tokens) so that windows,
 micro-batches and workers combine exactly: a mean of means would weight a short batch
 like a long one.
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hlbd_ray.data import IGNORE_INDEX
+from hlbd_ray.tokenizer import UNK_ID
 
 PPL_LOSS_CAP = 20.0
 
@@ -62,9 +66,10 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def count_tokens(logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> TokenCounts:
-    """Counts of one batch; accuracy only over labels != -100 (padding, masked prompt)."""
+    """Counts of one batch; accuracy only over labels != -100 (padding, masked prompt), and
+    an [UNK] label is never predicted correctly."""
     mask = labels != IGNORE_INDEX
-    correct = ((logits.argmax(-1) == labels) & mask).sum()
+    correct = ((logits.argmax(-1) == labels) & mask & (labels != UNK_ID)).sum()
     return TokenCounts(float(loss_sum.detach()), int(correct), int(mask.sum()))
 
 
@@ -74,9 +79,10 @@ def exact_sequences(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Te
     `answer` is the batch's answer mask. Under teacher forcing this equals exact greedy
     decoding: if every argmax matches, greedy decoding reproduces the answer token by
     token (each step sees the true prefix); the first mismatch is exactly where greedy
-    decoding would diverge.
+    decoding would diverge. An answer holding [UNK] is never exact: decoding can at best
+    print "[UNK]", never the character it replaced.
     """
-    wrong = ((logits.argmax(-1) != labels) & answer).any(dim=1)
+    wrong = (((logits.argmax(-1) != labels) | (labels == UNK_ID)) & answer).any(dim=1)
     has_answer = answer.any(dim=1)
     return int((has_answer & ~wrong).sum()), int(has_answer.sum())
 

@@ -20,6 +20,7 @@ from hlbd_ray.data import PreparedData, prepare_data
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
 from hlbd_ray.files import atomic_write_json, atomic_write_text, ensure_writable_dir
 from hlbd_ray.model import resolve_factory
+from hlbd_ray.optim import run_length
 
 
 def storage_join(base: str, *parts: str) -> str:
@@ -39,6 +40,7 @@ def preflight(cfg: Config) -> tuple[Config, PreparedData]:
     if cfg.model.factory:
         resolve_factory(cfg.model.factory)
     data = prepare_data(cfg.data, cfg.train.max_len)
+    run_length(cfg.train, data.train, cfg.train.num_workers)  # refuses a warmup as long as the run
     print(describe_data(data.dataset_stats), flush=True)
     output_dir = str(ensure_writable_dir(cfg.output_dir))
     storage = cfg.storage_path or output_dir

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import torch
 
@@ -49,6 +49,13 @@ def resolve_precision(requested: str, device: torch.device, cpuinfo: str | None 
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_fast_bf16(cpuinfo) else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager[Any]:
+    """The forward pass's autocast for a resolved precision (nothing for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class LocalSession:

@@ -20,8 +20,9 @@ from hlbd_ray.files import atomic_write_json
 
 PAD, UNK, BOS, EOS, SEP = "[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]"
 SPECIALS = (PAD, UNK, BOS, EOS, SEP)
-# from_dict insists on this order, so [PAD] is id 0 in every vocabulary.
+# from_dict insists on this order, so [PAD] is id 0 and [UNK] id 1 in every vocabulary.
 PAD_ID = SPECIALS.index(PAD)
+UNK_ID = SPECIALS.index(UNK)
 TAGS = ("[EMOJI]", "[PHRASE]", "[EN]", "[PY]", "[JP]", "[KR]")
 _FORMAT = "hlbd_ray.char_tokenizer/1"
 # Only tags are recognised inside text: a literal "[SEP]" typed in a data file stays

@@ -25,9 +25,9 @@ from hlbd_ray.faults import FaultInjector
 from hlbd_ray.metrics import (TokenCounts, Window, all_reduce_sums, count_tokens, exact_sequences,
                               finite_or_none, perplexity, token_loss_sum)
 from hlbd_ray.model import ModelSpec, build_model
-from hlbd_ray.optim import build_lr_schedule, build_optimizer
+from hlbd_ray.optim import build_lr_schedule, build_optimizer, restore_lr_schedule, run_length
 from hlbd_ray.progress import EpochBar
-from hlbd_ray.session import LocalSession, RayTrainSession, resolve_precision, scratch_dir
+from hlbd_ray.session import LocalSession, RayTrainSession, autocast, resolve_precision, scratch_dir
 from hlbd_ray.tokenizer import CharTokenizer
 
 
@@ -83,10 +83,13 @@ class TrainRun:
         self.spec = ModelSpec.from_config(cfg.model, len(self.tokenizer), self.t.max_len)
         self.model = build_model(self.spec, cfg.model.factory).to(self.device)
         self.optimizer = build_optimizer(self.model, self.t)
-        self.scheduler = build_lr_schedule(self.optimizer, self.t)
+        self.steps_per_epoch, self.total_steps = run_length(self.t, data.train, self.world)
+        self.scheduler = build_lr_schedule(self.optimizer, self.t, self.steps_per_epoch, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.progress = Progress()
         self.session.restore(self._load)
+        # The LR the last optimizer step used (what reports show); the scheduler holds the next one's.
+        self.step_lr = float(self.optimizer.param_groups[0]["lr"])
         self.ddp_model = session.prepare_model(self.model)
         self.epoch_batches = num_batches(data.train, self.t.batch_size, self.world)
         self.faults = FaultInjector(cfg, session.run_name)
@@ -130,7 +133,7 @@ class TrainRun:
                 self.faults.before_step(self.progress.step, self.rank)
                 self.accumulate(group)
                 self.optimizer_step()
-                bar.update(len(group), self.window, self.scheduler.get_last_lr()[0])
+                bar.update(len(group), self.window, self.step_lr)
                 if self._finished():
                     break
                 # The epoch's last step is reported by end_epoch, with validation.
@@ -152,10 +155,7 @@ class TrainRun:
             yield group
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -209,6 +209,7 @@ class TrainRun:
                 p.stop_reason = f"non-finite gradients for {p.consecutive_skips} consecutive steps"
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_lr = float(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()
         p.step += 1
 
@@ -273,7 +274,7 @@ class TrainRun:
             # At the epoch's end, end_epoch has just reduced it into the history.
             "epoch_loss": p.history[-1]["epoch_loss"] if epoch_end else self._epoch_loss(),
             "loss": w.counts.loss, "ppl": perplexity(w.counts.loss), "acc": w.counts.acc,
-            "lr": float(self.scheduler.get_last_lr()[0]),
+            "lr": self.step_lr,
             "grad_norm": finite_or_none(sum(w.grad_norms) / len(w.grad_norms)) if w.grad_norms else None,
             "fw_ms": w.fw_ms / n, "bw_ms": w.bw_ms / n,
             "tokens_per_s": w.input_tokens / elapsed if elapsed > 0 else 0.0,
@@ -300,7 +301,7 @@ class TrainRun:
             raise CheckpointError(f"checkpoint {folder} does not fit this model: "
                                   f"{str(err).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        restore_lr_schedule(self.scheduler, state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         if rng is not None:

@@ -71,6 +71,10 @@ CASES = [
     ("heads", None, ["model.d_model=32", "model.num_heads=3"], "valid head counts for d_model=32"),
     ("max-len", None, ["train.max_len=8"], "max_len"),
     ("factory", None, ["model.factory=no_such_package.models:build"], "no_such_package"),
+    # smoke.yaml: 3 epochs x 12 optimizer steps
+    ("warmup-fills-run", None, ["train.warmup_steps=36"], "train.warmup_steps=36 must be shorter than the run: 36 "),
+    ("warmup-past-max-steps", None, ["train.max_steps=2"], "2 optimizer steps (3 epochs x 12 steps, cut to max_steps=2)"),
+    ("schedule", None, ["train.schedule=linear"], "cosine"),
 ]
 
 

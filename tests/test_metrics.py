@@ -10,6 +10,7 @@ from hlbd_ray.data import IGNORE_INDEX
 from hlbd_ray.metrics import (PPL_LOSS_CAP, TokenCounts, Window, count_tokens, exact_sequences,
                               finite_or_none, perplexity, token_loss_sum)
 from hlbd_ray.model import APTModel, ModelSpec
+from hlbd_ray.tokenizer import UNK_ID, CharTokenizer
 
 
 def test_perplexity_is_exp_of_loss_clamped_at_20():
@@ -25,9 +26,10 @@ def test_non_finite_values_become_missing():
 
 
 def test_masked_accuracy_against_a_hand_computed_case():
-    # Vocabulary of 3; argmax per position: 2, 0, 1, 1.
-    logits = torch.tensor([[[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0]]])
-    labels = torch.tensor([[2, 1, IGNORE_INDEX, 1]])
+    # Vocabulary of 4 (id 1 is [UNK], unused here); argmax per position: 2, 0, 3, 3.
+    logits = torch.tensor([[[0.0, 0.0, 5.0, 0.0], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0],
+                            [0.0, 0.0, 0.0, 5.0]]])
+    labels = torch.tensor([[2, 3, IGNORE_INDEX, 3]])
     counts = count_tokens(logits, labels, token_loss_sum(logits, labels))
     # Counted: positions 0 (right), 1 (wrong), 3 (right); position 2 is padding.
     assert (counts.correct, counts.tokens) == (2, 3)
@@ -35,6 +37,19 @@ def test_masked_accuracy_against_a_hand_computed_case():
     expected = sum(-torch.log_softmax(logits[0, i], -1)[labels[0, i]] for i in (0, 1, 3)).item()
     assert math.isclose(counts.loss_sum, expected, rel_tol=1e-6)
     assert math.isclose(counts.loss, expected / 3, rel_tol=1e-6)
+
+
+def test_predicting_unk_is_never_a_match():
+    assert UNK_ID == 1 and CharTokenizer.build(["ab"], max_vocab=50).unk_id == UNK_ID
+    # Argmax 2, 1, 1: the model "predicts" [UNK] where the label is [UNK] (position 1).
+    logits = torch.tensor([[[0.0, 0.0, 5.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0]]])
+    labels = torch.tensor([[2, UNK_ID, 2]])
+    counts = count_tokens(logits, labels, token_loss_sum(logits, labels))
+    assert (counts.correct, counts.tokens) == (1, 3)           # [UNK] stays in the denominator
+    answer = torch.tensor([[True, True, False]])
+    assert exact_sequences(logits, labels, answer) == (0, 1)
+    # The same answer without the [UNK] position is exact: only [UNK] made it inexact.
+    assert exact_sequences(logits, labels, torch.tensor([[True, False, False]])) == (1, 1)
 
 
 def test_counts_combine_token_weighted_not_as_mean_of_means():

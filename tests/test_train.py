@@ -10,6 +10,7 @@ import torch
 
 from hlbd_ray.data import IGNORE_INDEX, Batch, iter_batches
 from hlbd_ray.metrics import token_loss_sum
+from hlbd_ray.optim import run_length
 from hlbd_ray.session import LocalSession
 from hlbd_ray.train import TrainRun, train_locally
 
@@ -79,14 +80,18 @@ def test_every_report_has_the_same_keys_and_plain_values(tmp_path, micro_data):
 def test_resume_after_epoch_one_equals_the_run_that_went_through(tmp_path, micro_data):
     through = train_locally(micro_config("train.epochs=2", output_dir=tmp_path / "a"),
                             micro_data, tmp_path / "a")
-    first = train_locally(micro_config("train.epochs=1", output_dir=tmp_path / "b"),
-                          micro_data, tmp_path / "b")
-    resumed = train_locally(micro_config("train.epochs=2", output_dir=tmp_path / "b"),
-                            micro_data, tmp_path / "c", resume_from=first.checkpoints[-1])
+    # The same run crashes at the first step of epoch 2, then resumes from its epoch-1 checkpoint.
+    steps_per_epoch = run_length(micro_config().train, micro_data.train, 1)[0]
+    cfg = micro_config("train.epochs=2", f"fault.raise_at_step={steps_per_epoch}", output_dir=tmp_path / "b")
+    first = LocalSession(tmp_path / "b", run_name=cfg.name)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        TrainRun(cfg, micro_data, first).fit()
+    resumed = train_locally(cfg, micro_data, tmp_path / "c", resume_from=first.checkpoints[-1])
     stitched = first.reports + resumed.reports
     assert [r["step"] for r in stitched] == [r["step"] for r in through.reports]
     for a, b in zip(stitched, through.reports):
         assert a["batch_losses"] == b["batch_losses"] and a["val_loss"] == b["val_loss"]
+        assert a["lr"] == b["lr"]
     end_a = torch.load(through.checkpoints[-1] / "state.pt", weights_only=True)["model"]
     end_b = torch.load(resumed.checkpoints[-1] / "state.pt", weights_only=True)["model"]
     assert all(torch.equal(end_a[k], end_b[k]) for k in end_a)
