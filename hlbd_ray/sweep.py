@@ -184,7 +184,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
 def run_sweep_job(cfg: Config) -> int:
     """Validate everything that can be checked without Ray, then run (or resume) the sweep."""
     validate(cfg, sweep=True)
-    cfg, data = preflight(cfg)
+    cfg, data = preflight(cfg, cfg.sweep.name)
     report_dir = Path(cfg.output_dir) / cfg.sweep.name
     import ray
 

@@ -40,8 +40,13 @@ def _write(path: Path, content: bytes) -> str:
     return str(path)
 
 
-def full_without(level: str):
-    sample = {k: v for k, v in FULL_SAMPLE.items() if k != level}
+def full_without(*levels: str):
+    sample = {k: v for k, v in FULL_SAMPLE.items() if k not in levels}
+    return doc({"samples": [FULL_SAMPLE, sample]})
+
+
+def full_with_field_missing():
+    sample = {**FULL_SAMPLE, "level_1": {"字卡": "猫"}}
     return doc({"samples": [FULL_SAMPLE, sample]})
 
 
@@ -56,7 +61,8 @@ CASES = [
     ("neither-shape", doc({"rows": [1, 2]}), [], "not an HLBD file"),
     ("empty-samples", doc({"samples": []}), [], "empty"),
     ("empty-data", doc({"data": {}}), [], "empty"),
-    ("missing-field", full_without("level_5"), [], "level_5"),
+    ("no-answer", full_without(*(f"level_{n}" for n in range(4, 9))), [], "sample 1: no answer"),
+    ("level-missing-its-field", full_with_field_missing(), [], "sample 1: missing key 'level_1.emoji'"),
     ("wrong-type", doc({"data": {"arithmetic": [{"input": "1 + 1 = ?", "output": 2}]}}), [], "output"),
     ("not-utf8", raw('{"data": {"m": [{"input": "é", "output": "x"}]}}'.encode("latin-1")), [], "UTF-8"),
     ("huge-line", text('{"data": {"m": [' + '{"input": "1", "output": "2"},' * 200_000), [], "data.json"),

@@ -15,7 +15,8 @@ import torch
 
 from hlbd_ray.config import DataConfig
 from hlbd_ray.data import (IGNORE_INDEX, EncodedSplit, Pair, encode_pairs, iter_batches, load_pairs,
-                           make_batch, num_batches, prepare_data, read_file, split_pairs)
+                           make_batch, num_batches, prepare_data, read_file)
+from hlbd_ray.facts import split_pairs
 from hlbd_ray.errors import UserError
 from hlbd_ray.tokenizer import CharTokenizer
 
@@ -61,7 +62,7 @@ def test_hardcore_file_counts_per_module():
               ("geometry", "arithmetic", "zodiac", "physics", "reverse_english")}
     assert counts == {"geometry": 860, "arithmetic": 1899, "zodiac": 528, "physics": 825, "reverse_english": 930}
     assert pairs[0] == Pair("一个三角形有一个39度的角，另一个107度的角，第三个角是多少度？", "34度",
-                            "HLBD_Hardcore_Full_V2.json", "geometry")
+                            "HLBD_Hardcore_Full_V2.json", "geometry", "34度|107,39")
 
 
 @needs_data
@@ -172,26 +173,11 @@ def test_a_huge_single_line_file_reads(tmp_path):
 
 # --- split -----------------------------------------------------------------------------
 
-def numbered_pairs(n: int) -> list[Pair]:
-    return [Pair(f"q{i}", f"a{i}", "t.json", "m") for i in range(n)]
-
-
-def test_split_is_seeded_disjoint_and_complete():
-    pairs = numbered_pairs(200)
-    train, val = split_pairs(pairs, 0.1, seed=5)
-    assert (len(train), len(val)) == (180, 20)
-    assert set(train).isdisjoint(val) and set(train) | set(val) == set(pairs)
-    assert split_pairs(pairs, 0.1, seed=5) == (train, val)
-    assert split_pairs(pairs, 0.1, seed=6)[1] != val
-    assert train == sorted(train, key=pairs.index)  # input order kept
-    with pytest.raises(UserError, match="at least 2 pairs"):
-        split_pairs(pairs[:1], 0.1, seed=0)
-
-
 _CHILD = """
 import numpy as np
-from hlbd_ray.data import EncodedSplit, Pair, iter_batches, split_pairs
-pairs = [Pair(f"q{i}", "a", "s", "m") for i in range(50)]
+from hlbd_ray.data import EncodedSplit, Pair, iter_batches
+from hlbd_ray.facts import split_pairs
+pairs = [Pair(f"q{i}", "a", "s", "m", f"q{i}") for i in range(50)]
 seqs = np.array([[2, 100 + i, 4, 200 + i, 3] for i in range(50)], dtype=np.int32)
 split = EncodedSplit(seqs.ravel(), np.arange(0, 251, 5, dtype=np.int64), np.full(50, 3, dtype=np.int32))
 batches = iter_batches(split, 4, seed=9, epoch=2, shuffle=True, rank=1, world_size=3)
@@ -202,7 +188,7 @@ print([p.prompt for p in split_pairs(pairs, 0.2, seed=9)[1]], [int(x) - 100 for 
 def test_split_and_epoch_order_are_the_same_in_another_process():
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True)
-    val = split_pairs([Pair(f"q{i}", "a", "s", "m") for i in range(50)], 0.2, seed=9)[1]
+    val = split_pairs([Pair(f"q{i}", "a", "s", "m", f"q{i}") for i in range(50)], 0.2, seed=9)[1]
     rows = rows_of(iter_batches(fixed_split(50), 4, seed=9, epoch=2, shuffle=True, rank=1, world_size=3))
     assert len(rows) == 17
     assert out.stdout.strip() == f"{[p.prompt for p in val]} {rows}"
@@ -211,10 +197,11 @@ def test_split_and_epoch_order_are_the_same_in_another_process():
 # --- sequences -------------------------------------------------------------------------
 
 def test_sequences_are_bos_prompt_sep_answer_eos():
-    pairs = [Pair("ab", "xyz", "s", "m"), Pair("b", "", "s", "m")]
+    pairs = [Pair("ab", "xyz", "s", "m", "1"), Pair("b", "", "s", "n", "2")]
     tok = CharTokenizer.build(["abxyz"], 100)
-    split, cut = encode_pairs(pairs, tok, max_len=16)
-    assert cut == 0 and len(split) == 2
+    split = encode_pairs(pairs, tok, max_len=16)
+    assert not split.truncated.any() and len(split) == 2
+    assert split.module_names == ("m", "n") and split.modules.tolist() == [0, 1]
     assert split.tokens.dtype == np.int32 and split.offsets.dtype == np.int64
     assert split.sequence(0).tolist() == [tok.bos_id, *tok.encode("ab"), tok.sep_id, *tok.encode("xyz"), tok.eos_id]
     assert split.answer_starts.tolist() == [4, 3]
@@ -222,10 +209,10 @@ def test_sequences_are_bos_prompt_sep_answer_eos():
 
 
 def test_long_answers_are_cut_and_counted_long_prompts_refused():
-    pairs = [Pair("ab", "xyzxyz", "s", "m"), Pair("a", "x", "s", "m")]
+    pairs = [Pair("ab", "xyzxyz", "s", "m", "1"), Pair("a", "x", "s", "m", "2")]
     tok = CharTokenizer.build(["abxyz"], 100)
-    split, cut = encode_pairs(pairs, tok, max_len=6)
-    assert cut == 1 and split.lengths.tolist() == [6, 5]
+    split = encode_pairs(pairs, tok, max_len=6)
+    assert split.truncated.tolist() == [True, False] and split.lengths.tolist() == [6, 5]
     assert split.sequence(0)[-1] != tok.eos_id and split.sequence(1)[-1] == tok.eos_id
     with pytest.raises(UserError, match=r"max_len=4 .* longest prompt has 2 tokens"):
         encode_pairs(pairs, tok, max_len=4)

@@ -54,13 +54,29 @@ def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
     assert replay["val_loss"] == ends[-1]["val_loss"] and replay["batch_losses"] == []
 
 
-def test_preflight_reports_truncation_and_resolves_paths(tmp_path, capsys, hlbd_dir):
+def test_preflight_resolves_max_len_and_paths_and_writes_the_data_report(tmp_path, capsys, hlbd_dir):
+    from hlbd_ray.run import preflight
+
+    cfg = load_config(SMOKE, [f"data.paths=[{hlbd_dir / 'HLBD_Full_V2.json'}]", "train.max_len=auto",
+                              f"output_dir={tmp_path / 'out'}", "name=run1"])
+    resolved, data = preflight(cfg)
+    out = capsys.readouterr().out
+    # auto: the longest sequence (232 tokens) rounded up to a multiple of 8, cutting nothing.
+    assert resolved.train.max_len == data.dataset_stats["max_len"] == 232
+    assert "max_len 232 cuts 0 answers" in out and "\nfull " in out
+    assert resolved.output_dir == str(tmp_path / "out") and resolved.storage_path == resolved.output_dir
+    report = json.loads((tmp_path / "out" / "run1" / "dataset_report.json").read_text())
+    assert report["format"] == "hlbd_ray.dataset_report/1" and report["max_len"] == 232
+    assert f"data report: {tmp_path / 'out' / 'run1' / 'dataset_report.json'}" in out
+
+
+def test_preflight_trains_on_cut_answers_only_when_allowed(tmp_path, capsys, hlbd_dir):
     from hlbd_ray.run import preflight
 
     cfg = load_config(SMOKE, [f"data.paths=[{hlbd_dir / 'HLBD_Full_V2.json'}]", "train.max_len=150",
-                              f"output_dir={tmp_path / 'out'}"])
+                              "train.allow_truncation=true", f"output_dir={tmp_path / 'out'}"])
     resolved, data = preflight(cfg)
     stats = data.dataset_stats
     cut = stats["truncated_train"] + stats["truncated_val"]
-    assert cut > 0 and f"max_len 150 cuts {cut} answers" in capsys.readouterr().out
-    assert resolved.output_dir == str(tmp_path / "out") and resolved.storage_path == resolved.output_dir
+    assert resolved.train.max_len == 150 and cut == int(data.train.truncated.sum() + data.val.truncated.sum())
+    assert cut > 0.01 * 5000 and f"max_len 150 cuts {cut} answers" in capsys.readouterr().out
