@@ -41,7 +41,7 @@ def test_each_shipped_config_prepares_its_data_and_builds_every_model_it_trains(
     archs = {(cfg.model.d_model, cfg.model.num_heads), *space_pairs(cfg.sweep.space)}
     for d_model, num_heads in sorted(archs):
         model_cfg = replace(cfg.model, d_model=d_model, num_heads=num_heads)
-        model = build_model(ModelSpec.from_config(model_cfg, stats["vocab_size"], cfg.train.max_len))
+        model = build_model(ModelSpec.from_config(model_cfg, stats["vocab_size"], stats["max_len"]))
         with torch.no_grad():
             logits = model.eval()(longest.inputs)
         assert logits.shape == (1, longest.inputs.shape[1], stats["vocab_size"])
@@ -66,7 +66,7 @@ def test_the_smoke_config_stays_a_smoke_test():
     """The tests run conf/smoke.yaml end to end several times: it must stay tiny."""
     cfg = load_config(CONF_DIR / "smoke.yaml")
     data = prepare_data(cfg.data, cfg.train.max_len)
-    model = build_model(ModelSpec.from_config(cfg.model, len(data.build_tokenizer()), cfg.train.max_len))
+    model = build_model(ModelSpec.from_config(cfg.model, len(data.build_tokenizer()), data.dataset_stats["max_len"]))
     batches = cfg.sweep.num_samples * cfg.train.epochs * num_batches(data.train, cfg.train.batch_size)
     assert sum(p.numel() for p in model.parameters()) < 50_000
     assert batches <= 200 and len(data.val) <= 50               # micro-batches over all trials

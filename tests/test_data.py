@@ -309,3 +309,109 @@ def test_vocabulary_comes_from_training_pairs_only(tmp_path):
     assert "甲" not in tok.to_dict()["tokens"]
     assert prepared.dataset_stats["val_unk_tokens"] == 1
     assert tok.unk_id in prepared.val.tokens.tolist()
+
+
+# --- Full samples missing levels (read like the reference's reader) --------------------
+
+def _real_full_with_edits(tmp_path: Path, edit) -> str:
+    doc = json.loads(Path(FULL).read_text(encoding="utf-8"))
+    edit(doc["samples"])
+    return write_json(tmp_path / "full_edited.json", doc)
+
+
+@needs_data
+def test_full_samples_missing_levels_are_read_without_them_and_counted(tmp_path):
+    def edit(samples: list[dict]) -> None:
+        for i in (0, 5):
+            del samples[i]["level_7"]
+        del samples[3]["level_2"]
+        del samples[8]["concept"]
+        samples[1]["level_9"] = {"x": "y"}
+        samples[2]["level_9"] = {"x": "z"}
+        samples[4]["notes"] = "unknown keys are ignored"
+
+    path = _real_full_with_edits(tmp_path, edit)
+    _, original = read_file(FULL)
+    pairs, stats = load_pairs([path], generated_per_module=0, seed=0)
+    assert len(pairs) == 5000
+    assert pairs[0].answer == "[PY] shì pín liáo tiān\n[EN] Video chat\n记得视频聊天。\n[KR] 영상통화"
+    assert "[JP]" not in pairs[5].answer and pairs[5].answer.count("\n") == 3
+    assert "[PHRASE]" not in pairs[3].prompt and pairs[3].prompt.count("\n") == 2
+    assert pairs[8].prompt == original[8].prompt.split("\n", 1)[1]       # the concept line is gone
+    assert pairs[8].fact.startswith("prompt:") and pairs[7].fact == original[7].fact
+    # Unknown keys change nothing in the text.
+    assert [(p.prompt, p.answer) for p in pairs[1:3] + pairs[4:5]] == \
+        [(p.prompt, p.answer) for p in original[1:3] + original[4:5]]
+    levels = {"missing": {"concept": 1, "level_2": 1, "level_7": 2}, "unknown_keys": {"level_9": 2, "notes": 1}}
+    assert stats["files"][0]["levels"] == stats["total"]["levels"] == levels
+    prepared = prepare_data(DataConfig(paths=[path]))
+    assert prepared.dataset_stats["total"]["levels"] == levels
+
+
+@needs_data
+@pytest.mark.parametrize("drop, part", [(("level_4", "level_5", "level_6", "level_7", "level_8"), "answer"),
+                                        (("concept", "level_1", "level_2", "level_3"), "prompt")])
+def test_only_a_full_sample_with_no_prompt_or_no_answer_is_refused(tmp_path, drop, part):
+    def edit(samples: list[dict]) -> None:
+        del samples[2]["level_7"]    # accepted
+        for key in drop:
+            del samples[7][key]
+
+    path = _real_full_with_edits(tmp_path, edit)
+    with pytest.raises(UserError) as caught:
+        load_pairs([path], generated_per_module=0, seed=0)
+    assert str(caught.value).startswith(f"{path}: sample 7: no {part}: the sample has none of ")
+
+
+# --- max_len: auto, capped, and no silent truncation -------------------------------------
+
+@needs_data
+def test_auto_max_len_is_the_longest_sequence_rounded_up_to_8():
+    full = prepare_data(DataConfig(paths=[FULL]))
+    stats = full.dataset_stats
+    assert (stats["max_len"], stats["lengths"], stats["max_len_requested"]) == \
+        (232, {"p50": 140, "p99": 180, "max": 232}, "auto")
+    assert stats["truncated_train"] == stats["truncated_val"] == 0 and not full.train.truncated.any()
+    generated = prepare_data(DataConfig(generated_per_module=100)).dataset_stats
+    assert generated["lengths"]["max"] == 51 and generated["max_len"] == 56
+
+
+@needs_data
+def test_a_cap_or_an_explicit_max_len_that_cuts_over_1_percent_is_refused():
+    with pytest.raises(UserError) as caught:
+        prepare_data(DataConfig(paths=[FULL]), 128)
+    assert str(caught.value) == (
+        "train.max_len=128 cuts 68.7% of the answers (3436 of 5000, losing their [EOS]); max_len 232 would "
+        "cut none (train.max_len=auto picks it); set train.allow_truncation=true to train on cut answers anyway")
+    with pytest.raises(UserError, match=r"^train.max_len=auto, capped at train.max_len_cap=176, cuts 1.7% .*"
+                                        r"\(train.max_len_cap=232\)"):
+        prepare_data(DataConfig(paths=[FULL]), "auto", max_len_cap=176)
+    # 180 cuts 46 of 5000 answers (0.9%): allowed, and each cut sequence is marked.
+    data = prepare_data(DataConfig(paths=[FULL]), 180)
+    assert data.dataset_stats["truncated_train"] + data.dataset_stats["truncated_val"] == 46
+    allowed = prepare_data(DataConfig(paths=[FULL]), 128, allow_truncation=True)
+    cut = allowed.train.truncated
+    assert cut.sum() == allowed.dataset_stats["truncated_train"] and allowed.train.lengths.max() == 128
+    assert (allowed.train.lengths[cut] == 128).all() and (allowed.train.lengths[~cut] <= 128).all()
+
+
+@needs_data
+def test_the_readme_example_cuts_nothing(tmp_path):
+    from hlbd_ray.config import CONF_DIR, load_config
+
+    cfg = load_config(CONF_DIR / "sweep.yaml", [f"data.paths=[{FULL}]"])
+    stats = prepare_data(cfg.data, cfg.train.max_len, max_len_cap=cfg.train.max_len_cap).dataset_stats
+    assert stats["max_len"] == 232 and stats["truncated_train"] + stats["truncated_val"] == 0
+
+
+@needs_data
+def test_both_splits_share_one_module_index():
+    data = prepare_data(DataConfig(paths=[FULL, HARDCORE_V2]))
+    names = ("full", "geometry", "arithmetic", "zodiac", "physics", "reverse_english")
+    assert data.train.module_names == data.val.module_names == names
+    modules = data.dataset_stats["modules"]
+    for split, side in ((data.train, "train_pairs"), (data.val, "val_pairs")):
+        counts = np.bincount(split.modules, minlength=len(names))
+        assert dict(zip(names, counts.tolist())) == {m: modules[m][side] for m in names}
+    # Full sequences are the long ones: the index points at the right rows.
+    assert data.val.lengths[data.val.modules == 0].min() > data.val.lengths[data.val.modules != 0].max()

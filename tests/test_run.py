@@ -30,6 +30,9 @@ def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
     run_dir = tmp_path / "ddp"
     cfg = load_config(run_dir / "config.yaml")                     # the resolved config
     assert cfg.train.num_workers == 2 and cfg.output_dir == str(tmp_path)
+    # max_len "auto" became the data's length, in the config, the report and the checkpoint.
+    report = json.loads((run_dir / "dataset_report.json").read_text())
+    assert cfg.train.max_len == report["max_len"] == 56 and report["split"]["val_with_train_twin"] == 0
     vocab = json.loads((run_dir / "vocab.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len({tuple(sorted(r)) for r in records}) == 1             # same keys every report
@@ -40,6 +43,7 @@ def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
     assert records[-1]["batch"] == 2 * records[-1]["epoch_batches"]
     state = torch.load(f"{ends[-1]['checkpoint_path']}/state.pt", weights_only=True)
     assert state["tokenizer"] == vocab and state["progress"]["epoch"] == 2
+    assert state["config"]["train"]["max_len"] == 56
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in Path(ends[-1]["checkpoint_path"]).iterdir()}
     assert "run summary" in result.stdout and "val_loss" in result.stdout
     # Ray Train's own INFO line per report, with every metric, is muted on the workers.
