@@ -85,6 +85,7 @@ class DataConfig:
     paths: List[str] = field(default_factory=list)
     # Pairs per module produced by the built-in generator.
     generated_per_module: int = 400
+    # Share of each module's pairs held out for validation, as whole facts (facts.py).
     val_fraction: float = 0.1
     # Seeds the split and the generator: same seed, same data, in every process.
     seed: int = 0
