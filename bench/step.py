@@ -197,7 +197,8 @@ def synthetic_batches(args: argparse.Namespace, device: torch.device, count: int
         seq = torch.randint(len(SPECIALS) + len(TAGS), args.vocab, (args.batch, args.seq + 1), generator=gen)
         labels = seq[:, 1:].contiguous()
         answer = torch.ones_like(labels, dtype=torch.bool)   # no prompt: all of it is answer
-        out.append(Batch(seq[:, :-1].contiguous(), labels, answer, torch.zeros(args.batch, dtype=torch.bool)).to(device))
+        cut = torch.zeros(args.batch, dtype=torch.bool)
+        out.append(Batch(seq[:, :-1].contiguous(), labels, answer, cut).to(device))
     return out
 
 

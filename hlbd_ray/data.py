@@ -268,7 +268,8 @@ def encode_sequences(pairs: list[Pair], tokenizer: CharTokenizer) -> tuple[list[
     seqs, starts = [], []
     for pair in pairs:
         prompt = tokenizer.encode(pair.prompt)
-        seqs.append([tokenizer.bos_id, *prompt, tokenizer.sep_id, *tokenizer.encode(pair.answer), tokenizer.eos_id])
+        answer = tokenizer.encode(pair.answer)
+        seqs.append([tokenizer.bos_id, *prompt, tokenizer.sep_id, *answer, tokenizer.eos_id])
         starts.append(len(prompt) + 2)
     return seqs, starts
 
@@ -347,13 +348,13 @@ def prepare_data(data_cfg: DataConfig, max_len: int | str = "auto", *, max_len_c
     tokenizer = CharTokenizer.build((t for p in train_pairs for t in (p.prompt, p.answer)), data_cfg.max_vocab)
     names = tuple(dict.fromkeys(pair.module for pair in pairs))  # one module index for both splits
     index = {name: i for i, name in enumerate(names)}
-    sides = {side: (side_pairs, *encode_sequences(side_pairs, tokenizer))
-             for side, side_pairs in (("train", train_pairs), ("val", val_pairs))}
-    lengths = {side: np.asarray([len(seq) for seq in seqs], dtype=np.int64) for side, (_, seqs, _) in sides.items()}
+    sides = {"train": train_pairs, "val": val_pairs}
+    encoded = {side: encode_sequences(side_pairs, tokenizer) for side, side_pairs in sides.items()}
+    lengths = {side: np.asarray([len(seq) for seq in seqs], dtype=np.int64) for side, (seqs, _) in encoded.items()}
     longest = int(max(lengths["train"].max(), lengths["val"].max()))
     length = auto_max_len(longest, max_len_cap) if max_len == "auto" else int(max_len)
-    train, val = (pack(seqs, starts, [index[p.module] for p in side_pairs], names, length)
-                  for side_pairs, seqs, starts in sides.values())
+    train, val = (pack(*encoded[side], [index[p.module] for p in sides[side]], names, length)
+                  for side in ("train", "val"))
     stats.update({
         "train_pairs": len(train), "val_pairs": len(val), "max_len": length, "max_len_requested": max_len,
         "max_len_cap": max_len_cap, "vocab_size": len(tokenizer),

@@ -11,10 +11,11 @@ The rules, per module (the reader computes the key when it builds the pair):
   published V2 file has 5,000 samples and 5,000 distinct concepts. A sample without a
   concept is its own fact (its whole prompt).
 - `zodiac`: if the prompt names an animal, that animal and the answer. For "X后面第k个",
-  "X的下一个", "X往前数k个" the pair (X, answer) fixes the step modulo 12, so "马的下一个
-  生肖是？", "马后面第1个是什么？" and "马之后是什么？" are one fact; it also covers "X的五行属性是？".
-  Otherwise (a year, a position in the cycle): the numbers of the prompt and the answer,
-  so "2101年属什么？" and "2101年是什么生肖年？" are one fact, 2101 and 2113 two.
+  "X的下一个", "X往前数k个" the pair (X, answer) fixes the step modulo 12, so
+  "马的下一个生肖是？", "马后面第1个是什么？" and "马之后是什么？" are one fact; the rule
+  also covers "X的五行属性是？". Otherwise (a year, a position in the cycle): the numbers
+  of the prompt and the answer, so "2101年属什么？" and "2101年是什么生肖年？" are one
+  fact, 2101 and 2113 two.
 - every other module (geometry, arithmetic, physics, reverse_english, and modules this
   code does not know): the answer and the numbers of the prompt, sorted. The templates
   change the words and the order of the operands, never the operands or the answer:
