@@ -94,6 +94,10 @@ def test_overrides_win_over_the_file_and_defaults_fill_the_rest():
     (["data.val_fraction=1.5"], "data.val_fraction"),
     (["train.report_every=1000", "train.grad_accum=4"], "bounded report size"),
     (["train.precision=fp16"], "train.precision: Invalid value 'fp16', expected one of [auto, fp32, bf16]"),
+    (["train.max_len=abc"], "train.max_len must be 'auto' or an integer > 0, got 'abc'"),
+    (["train.max_len=1.5"], "train.max_len must be 'auto' or an integer > 0, got 1.5"),
+    (["train.max_len=true"], "train.max_len must be 'auto' or an integer > 0, got True"),
+    (["train.max_len_cap=0"], "train.max_len_cap must be > 0"),
     # The sweep section (moved here with its checks from search.check_space).
     (["sweep.search=bayes"], "sweep.search"),
     (["sweep.scheduler=pbt"], "sweep.scheduler"),
@@ -149,3 +153,11 @@ def test_dict_and_yaml_round_trips_keep_every_value():
     assert from_dict(to_dict(cfg)) == cfg
     assert isinstance(cfg, Config)
     assert "lr: 0.002" in to_yaml(cfg)
+
+
+def test_max_len_is_auto_or_an_integer_and_the_resolved_integer_round_trips():
+    assert load_config(None).train.max_len == "auto"
+    explicit = load_config(None, ["train.max_len=128"])
+    assert type(explicit.train.max_len) is int and explicit.train.max_len == 128
+    resolved = replace(explicit, train=replace(explicit.train, max_len=232))
+    assert "  max_len: 232\n" in to_yaml(resolved) and from_dict(to_dict(resolved)).train.max_len == 232
