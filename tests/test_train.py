@@ -139,3 +139,8 @@ def test_validation_never_counts_a_cut_answer_as_exact(tmp_path, micro_data):
     assert metrics["val_exact"] == 0.5         # ...but only the two whole answers are exact
     val.truncated[:] = False
     assert run.evaluate()["val_exact"] == 1.0
+
+
+def test_a_run_needs_max_len_resolved_to_the_data(tmp_path, micro_data):
+    with pytest.raises(ValueError, match="train.max_len='auto' must be resolved"):
+        new_run(tmp_path, micro_data, "train.max_len=auto")
