@@ -283,8 +283,10 @@ def pack(seqs: list[list[int]], starts: list[int], modules: list[int], module_na
                         f"and [BOS] prompt [SEP] plus one answer token needs {longest + 3}")
     lengths = np.asarray([len(seq) for seq in seqs], dtype=np.int64)
     kept = np.minimum(lengths, max_len)
-    tokens = np.fromiter((t for seq in seqs for t in seq[:max_len]), dtype=np.int32, count=int(kept.sum()))
-    return EncodedSplit(tokens, np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
+    flat: list[int] = []
+    for seq in seqs:
+        flat.extend(seq[:max_len])
+    return EncodedSplit(np.asarray(flat, dtype=np.int32), np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
                         np.asarray(starts, dtype=np.int32), np.asarray(modules, dtype=np.int32),
                         lengths > max_len, tuple(module_names))
 
