@@ -87,8 +87,10 @@ def _full_pair(sample: Any, where: str, source: str, counts: LevelCounts) -> Pai
     well-formed, and a sample must keep some prompt and some answer."""
     if not isinstance(sample, dict):
         raise UserError(f"{where}: must be an object, got {_kind(sample)}")
-    counts.missing.update(key for key in _FULL_KEYS if key not in sample)
-    counts.unknown.update(key for key in sample if key not in _FULL_KEYS)
+    missing, unknown = _FULL_KEYS - sample.keys(), sample.keys() - _FULL_KEYS
+    if missing or unknown:
+        counts.missing.update(missing)
+        counts.unknown.update(unknown)
 
     def line(level: str, key: str, tag: str) -> list[str]:
         if level not in sample:
