@@ -91,6 +91,7 @@ class DataConfig:
     paths: List[str] = field(default_factory=list)
     # Pairs per module produced by the built-in generator.
     generated_per_module: int = 400
+    # Share of each module's pairs held out for validation, as whole facts (facts.py).
     val_fraction: float = 0.1
     # Seeds the split and the generator: same seed, same data, in every process.
     seed: int = 0
@@ -118,10 +119,15 @@ class TrainConfig:
     restart_period_mult: int = 2
     grad_clip: float = 1.0
     precision: Precision = Precision.auto
-    # Longest sequence [BOS] prompt [SEP] answer [EOS]; longer answers are cut (and
-    # counted). Measured on HLBD Full V2: median 140, p99 180, longest 232 tokens, so 256
-    # cuts none; batches pad only to their own longest sequence.
-    max_len: int = 256
+    # Longest sequence [BOS] prompt [SEP] answer [EOS] (the model's position table).
+    # "auto": the data's longest, rounded up to a multiple of 8, at most max_len_cap (HLBD
+    # Full V2: median 140, p99 180, longest 232 tokens, so auto is 232). An integer that
+    # cuts more than 1% of the answers is refused unless allow_truncation. Typed Any
+    # because OmegaConf has no Union: validate accepts only "auto" or an integer > 0, and
+    # the jobs write the resolved integer into config.yaml and checkpoints.
+    max_len: Any = "auto"
+    max_len_cap: int = 512
+    allow_truncation: bool = False
     loss_on: LossOn = LossOn.answer
     # Report (and send batch losses) every N optimizer steps.
     report_every: int = 10
@@ -355,11 +361,13 @@ def validate(cfg: Config, sweep: bool = False) -> None:
     check_model(m)
     _positive(**{"train.lr": t.lr, "train.epochs": t.epochs,
                  "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-                 "train.max_len": t.max_len, "train.report_every": t.report_every,
+                 "train.max_len_cap": t.max_len_cap, "train.report_every": t.report_every,
                  "train.num_workers": t.num_workers,
                  "train.restart_period_epochs": t.restart_period_epochs,
                  "data.max_vocab": d.max_vocab, "report.points_per_epoch": cfg.report.points_per_epoch,
                  "report.every_s": cfg.report.every_s})
+    _require(t.max_len == "auto" or (type(t.max_len) is int and t.max_len > 0),
+             f"train.max_len must be 'auto' or an integer > 0, got {t.max_len!r}")
     _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     _require(d.generated_per_module > 0 or bool(d.paths),
              "data.generated_per_module must be > 0 when data.paths is empty")

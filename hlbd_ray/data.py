@@ -10,9 +10,8 @@ sharding) depends only on the data and the seeds, so all workers see the same th
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,7 +20,9 @@ import torch
 
 from hlbd_ray import datagen, hlbd_data
 from hlbd_ray.config import DataConfig
+from hlbd_ray.datareport import describe_split
 from hlbd_ray.errors import UserError
+from hlbd_ray.facts import full_fact, hardcore_fact, split_pairs
 from hlbd_ray.tokenizer import PAD_ID, CharTokenizer
 
 IGNORE_INDEX = -100  # label value that cross-entropy and token accuracy skip
@@ -35,6 +36,7 @@ class Pair:
     answer: str
     source: str  # file name, or "generated"
     module: str  # Hardcore module name, or "full" for HLBD Full samples
+    fact: str    # what the pair states (facts.py): pairs of one fact stay on one side of the split
 
 
 # --- reading --------------------------------------------------------------------------
@@ -60,29 +62,65 @@ def _text(node: Any, keys: tuple[str, ...], where: str) -> str:
     return node
 
 
-def _full_pair(sample: Any, where: str, source: str) -> Pair:
+# A Full sample's levels, in order, as the reference reads them: the prompt is the concept
+# and levels 1-3, the answer levels 4-8, each (level, field, tag) one line.
+_PROMPT_LEVELS = (("level_1", "字卡", "[EMOJI]"), ("level_2", "短语", "[PHRASE]"), ("level_3", "数学", ""))
+_ANSWER_LEVELS = (("level_4", "拼音", "[PY]"), ("level_5", "英文", "[EN]"), ("level_6", "中文", ""),
+                  ("level_7", "日文", "[JP]"), ("level_8", "韩文", "[KR]"))
+_FULL_KEYS = frozenset(["concept", *(level for level, _, _ in _PROMPT_LEVELS + _ANSWER_LEVELS)])
+
+
+@dataclass
+class LevelCounts:
+    """What the Full reader left out: samples missing each known key, and unknown keys seen."""
+
+    missing: Counter[str] = field(default_factory=Counter)
+    unknown: Counter[str] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        return {"missing": dict(sorted(self.missing.items())), "unknown_keys": dict(sorted(self.unknown.items()))}
+
+
+def _full_pair(sample: Any, where: str, source: str, counts: LevelCounts) -> Pair:
+    """Like the reference's reader: a level the sample lacks is left out of the text (and
+    counted), an unknown key is ignored (and counted); a level that is present must be
+    well-formed, and a sample must keep some prompt and some answer."""
     if not isinstance(sample, dict):
         raise UserError(f"{where}: must be an object, got {_kind(sample)}")
-    level_8 = sample.get("level_8")
-    # Some published files spell the Korean key half in Hangul; accept it where the
-    # correct key is absent (a missing key is reported under the correct spelling).
-    korean = "韩문" if isinstance(level_8, dict) and "韩文" not in level_8 and "韩문" in level_8 else "韩文"
+    missing, unknown = _FULL_KEYS - sample.keys(), sample.keys() - _FULL_KEYS
+    if missing or unknown:
+        counts.missing.update(missing)
+        counts.unknown.update(unknown)
 
-    def get(*keys: str) -> str:
-        return _text(sample, keys, where)
+    def line(level: str, key: str, tag: str) -> list[str]:
+        if level not in sample:
+            return []
+        node = sample[level]
+        if level == "level_8" and isinstance(node, dict) and key not in node and "韩문" in node:
+            # Some published files spell the Korean key half in Hangul; accept it where the
+            # correct key is absent (a missing key is reported under the correct spelling).
+            key = "韩문"
+        text = _text(sample, (level, key), where)
+        if level == "level_1":  # the emoji goes before the word card
+            text = f"{_text(sample, (level, 'emoji'), where)} {text}"
+        return [f"{tag} {text}" if tag else text]
 
-    prompt = [get("concept"), f"[EMOJI] {get('level_1', 'emoji')} {get('level_1', '字卡')}",
-              f"[PHRASE] {get('level_2', '短语')}", get("level_3", "数学")]
-    answer = [f"[PY] {get('level_4', '拼音')}", f"[EN] {get('level_5', '英文')}", get("level_6", "中文"),
-              f"[JP] {get('level_7', '日文')}", f"[KR] {get('level_8', korean)}"]
-    return Pair("\n".join(prompt), "\n".join(answer), source, FULL_MODULE)
+    concept = _text(sample, ("concept",), where) if "concept" in sample else None
+    prompt = ([concept] if concept is not None else []) + [t for spec in _PROMPT_LEVELS for t in line(*spec)]
+    answer = [t for spec in _ANSWER_LEVELS for t in line(*spec)]
+    for part, lines, keys in (("prompt", prompt, "'concept', 'level_1', 'level_2', 'level_3'"),
+                              ("answer", answer, "'level_4' to 'level_8'")):
+        if not lines:
+            raise UserError(f"{where}: no {part}: the sample has none of {keys}")
+    text = "\n".join(prompt)
+    return Pair(text, "\n".join(answer), source, FULL_MODULE, full_fact(concept, text))
 
 
-def _full_pairs(samples: Any, name: str, source: str) -> list[Pair]:
+def _full_pairs(samples: Any, name: str, source: str, counts: LevelCounts) -> list[Pair]:
     if not isinstance(samples, list) or not samples:
         raise UserError(f"{name}: 'samples' must be a non-empty array, got "
                         + ("an empty array" if isinstance(samples, list) else _kind(samples)))
-    return [_full_pair(sample, f"{name}: sample {i}", source) for i, sample in enumerate(samples)]
+    return [_full_pair(sample, f"{name}: sample {i}", source, counts) for i, sample in enumerate(samples)]
 
 
 def _hardcore_pairs(data: Any, name: str, source: str) -> list[Pair]:
@@ -98,20 +136,25 @@ def _hardcore_pairs(data: Any, name: str, source: str) -> list[Pair]:
             where = f"{name}: data.{module}[{i}]"
             if not isinstance(item, dict):
                 raise UserError(f"{where}: must be an object, got {_kind(item)}")
-            pairs.append(Pair(_text(item, ("input",), where), _text(item, ("output",), where), source, module))
+            prompt, answer = _text(item, ("input",), where), _text(item, ("output",), where)
+            pairs.append(Pair(prompt, answer, source, module, hardcore_fact(module, prompt, answer)))
     if not pairs:
         raise UserError(f"{name}: every module in 'data' is empty")
     return pairs
 
 
-def parse_document(doc: Any, name: str, source: str) -> tuple[str, list[Pair]]:
-    """("full" | "hardcore", pairs) for a decoded JSON document; `name` prefixes errors."""
+def parse_document(doc: Any, name: str, source: str,
+                   counts: LevelCounts | None = None) -> tuple[str, list[Pair]]:
+    """("full" | "hardcore", pairs) for a decoded JSON document; `name` prefixes errors.
+
+    `counts` receives what the Full reader left out (missing levels, unknown keys).
+    """
     is_object = isinstance(doc, dict)
     if is_object and "samples" in doc and "data" in doc:
         raise UserError(f"{name}: has both 'samples' (HLBD Full) and 'data' (HLBD Hardcore); "
                         "a file must be one or the other")
     if is_object and "samples" in doc:
-        return "full", _full_pairs(doc["samples"], name, source)
+        return "full", _full_pairs(doc["samples"], name, source, counts if counts is not None else LevelCounts())
     if is_object and "data" in doc:
         return "hardcore", _hardcore_pairs(doc["data"], name, source)
     found = f"keys {sorted(doc)[:8]}" if is_object else _kind(doc)
@@ -119,7 +162,7 @@ def parse_document(doc: Any, name: str, source: str) -> tuple[str, list[Pair]]:
                     f"'data' (Hardcore), found {found}")
 
 
-def read_file(path: str) -> tuple[str, list[Pair]]:
+def read_file(path: str, counts: LevelCounts | None = None) -> tuple[str, list[Pair]]:
     """("full" | "hardcore", pairs) of one HLBD JSON file; any problem is a UserError."""
     file = Path(path)
     if not file.exists():
@@ -137,7 +180,7 @@ def read_file(path: str) -> tuple[str, list[Pair]]:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    return parse_document(doc, str(path), file.name)
+    return parse_document(doc, str(path), file.name, counts)
 
 
 def _dedup(sources: list[tuple[dict, list[Pair]]]) -> tuple[list[Pair], dict]:
@@ -177,25 +220,17 @@ def load_pairs(paths: list[str], generated_per_module: int, seed: int) -> tuple[
         sources.append((info, pairs))
     resolved = [hlbd_data.resolve(given) for given in paths]  # a bad name fails before any read
     for given, path in zip(paths, resolved):
-        fmt, pairs = read_file(path)
+        counts = LevelCounts()
+        fmt, pairs = read_file(path, counts)
         # `name` keeps the config's spelling (hlbd:full), `path` the file actually read.
-        sources.append(({"path": path, "name": given, "source": Path(path).name, "format": fmt}, pairs))
-    return _dedup(sources)
-
-
-def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, val): a seeded random hold-out; both keep the input order."""
-    n = len(pairs)
-    if n < 2:
-        raise UserError(f"need at least 2 pairs for a train/validation split, got {n}")
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    order = list(range(n))
-    # A string seed is hashed with SHA-512, the same in every process and Python build.
-    random.Random(f"hlbd-split:{seed}").shuffle(order)
-    held_out = set(order[:n_val])
-    train = [pair for i, pair in enumerate(pairs) if i not in held_out]
-    val = [pair for i, pair in enumerate(pairs) if i in held_out]
-    return train, val
+        info = {"path": path, "name": given, "source": Path(path).name, "format": fmt}
+        sources.append(({**info, "levels": counts.to_dict()} if fmt == "full" else info, pairs))
+    pairs, stats = _dedup(sources)
+    levels = [f["levels"] for f in stats["files"] if "levels" in f]
+    if levels:  # Full samples missing a level or carrying unknown keys, over all Full files
+        stats["total"]["levels"] = {kind: dict(sum((Counter(l[kind]) for l in levels), Counter()))
+                                    for kind in ("missing", "unknown_keys")}
+    return pairs, stats
 
 
 # --- sequences ------------------------------------------------------------------------
@@ -205,12 +240,24 @@ class EncodedSplit:
     """Sequences [BOS] prompt [SEP] answer [EOS], concatenated.
 
     Sequence i is tokens[offsets[i]:offsets[i + 1]]; answer_starts[i] is the index inside
-    it of the first answer token (right after [SEP]).
+    it of the first answer token (right after [SEP]). modules[i] indexes module_names
+    (one list for both splits of a PreparedData), so evaluation can group by HLBD module;
+    truncated[i] says max_len cut the sequence: it lost its [EOS] and the end of its answer.
+    A split built by hand defaults to one module and nothing cut.
     """
 
     tokens: np.ndarray  # int32
     offsets: np.ndarray  # int64, len(self) + 1
     answer_starts: np.ndarray  # int32
+    modules: np.ndarray | None = None  # int32, len(self)
+    truncated: np.ndarray | None = None  # bool, len(self)
+    module_names: tuple[str, ...] = ("all",)
+
+    def __post_init__(self) -> None:
+        if self.modules is None:
+            self.modules = np.zeros(len(self), dtype=np.int32)
+        if self.truncated is None:
+            self.truncated = np.zeros(len(self), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -223,25 +270,66 @@ class EncodedSplit:
         return np.diff(self.offsets)
 
 
-def encode_pairs(pairs: list[Pair], tokenizer: CharTokenizer, max_len: int) -> tuple[EncodedSplit, int]:
-    """(split, number of sequences cut); a long answer is cut at max_len, losing [EOS]."""
-    prompts = [tokenizer.encode(pair.prompt) for pair in pairs]
-    longest = max((len(p) for p in prompts), default=0)
+def encode_sequences(pairs: list[Pair], tokenizer: CharTokenizer) -> tuple[list[list[int]], list[int]]:
+    """Each pair's whole sequence [BOS] prompt [SEP] answer [EOS], uncut, and its answer start."""
+    seqs, starts = [], []
+    for pair in pairs:
+        prompt = tokenizer.encode(pair.prompt)
+        answer = tokenizer.encode(pair.answer)
+        seqs.append([tokenizer.bos_id, *prompt, tokenizer.sep_id, *answer, tokenizer.eos_id])
+        starts.append(len(prompt) + 2)
+    return seqs, starts
+
+
+def pack(seqs: list[list[int]], starts: list[int], modules: list[int], module_names: tuple[str, ...],
+         max_len: int) -> EncodedSplit:
+    """The sequences cut at max_len (each cut one marked), as one EncodedSplit."""
+    longest = max(starts, default=2) - 2
     if longest + 3 > max_len:
         raise UserError(f"train.max_len={max_len} is too short: the longest prompt has {longest} tokens "
                         f"and [BOS] prompt [SEP] plus one answer token needs {longest + 3}")
+    lengths = np.asarray([len(seq) for seq in seqs], dtype=np.int64)
+    kept = np.minimum(lengths, max_len)
     flat: list[int] = []
-    offsets, starts, truncated = [0], [], 0
-    for pair, prompt in zip(pairs, prompts):
-        seq = [tokenizer.bos_id, *prompt, tokenizer.sep_id, *tokenizer.encode(pair.answer), tokenizer.eos_id]
-        if len(seq) > max_len:
-            seq, truncated = seq[:max_len], truncated + 1
-        flat.extend(seq)
-        offsets.append(len(flat))
-        starts.append(len(prompt) + 2)
-    split = EncodedSplit(np.asarray(flat, dtype=np.int32), np.asarray(offsets, dtype=np.int64),
-                         np.asarray(starts, dtype=np.int32))
-    return split, truncated
+    for seq in seqs:
+        flat.extend(seq[:max_len])
+    return EncodedSplit(np.asarray(flat, dtype=np.int32), np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
+                        np.asarray(starts, dtype=np.int32), np.asarray(modules, dtype=np.int32),
+                        lengths > max_len, tuple(module_names))
+
+
+def encode_pairs(pairs: list[Pair], tokenizer: CharTokenizer, max_len: int) -> EncodedSplit:
+    """The pairs as one split cut at max_len; `truncated` marks each sequence cut."""
+    names = tuple(dict.fromkeys(pair.module for pair in pairs))
+    index = {name: i for i, name in enumerate(names)}
+    return pack(*encode_sequences(pairs, tokenizer), [index[p.module] for p in pairs], names, max_len)
+
+
+def auto_max_len(longest: int, cap: int) -> int:
+    """The longest sequence rounded up to a multiple of 8 (tile-friendly shapes), at most `cap`."""
+    return min(-(-longest // 8) * 8, cap)
+
+
+# An explicit max_len (or a cap) may cut at most this share of the answers unless the
+# user says train.allow_truncation=true: a cut answer is a different task, and its prefix
+# could score as exact.
+TRUNCATION_LIMIT = 0.01
+
+
+def check_truncation(stats: dict, max_len: int | str, cap: int) -> None:
+    """Refuse a max_len that cuts more than TRUNCATION_LIMIT of the answers, in one line."""
+    cut = stats["truncated_train"] + stats["truncated_val"]
+    total = stats["train_pairs"] + stats["val_pairs"]
+    if cut <= TRUNCATION_LIMIT * total:
+        return
+    longest = stats["lengths"]["max"]
+    if max_len == "auto":
+        setting, fix = f"train.max_len=auto, capped at train.max_len_cap={cap},", f"train.max_len_cap={longest}"
+    else:
+        setting, fix = f"train.max_len={max_len}", "train.max_len=auto picks it"
+    raise UserError(f"{setting} cuts {100 * cut / total:.1f}% of the answers ({cut} of {total}, losing their "
+                    f"[EOS]); max_len {longest} would cut none ({fix}); "
+                    "set train.allow_truncation=true to train on cut answers anyway")
 
 
 @dataclass
@@ -257,19 +345,33 @@ class PreparedData:
         return CharTokenizer.from_dict(self.tokenizer)
 
 
-def prepare_data(data_cfg: DataConfig, max_len: int) -> PreparedData:
-    """Load, split, build the vocabulary from the training pairs only, and encode."""
+def prepare_data(data_cfg: DataConfig, max_len: int | str = "auto", *, max_len_cap: int = 512,
+                 allow_truncation: bool = False) -> PreparedData:
+    """Load, split by fact, build the vocabulary from the training pairs only, and encode.
+
+    `max_len` "auto" is auto_max_len of the data; dataset_stats["max_len"] is the length
+    used. Cutting more than TRUNCATION_LIMIT of the answers is refused unless allowed.
+    """
     pairs, stats = load_pairs(list(data_cfg.paths), data_cfg.generated_per_module, data_cfg.seed)
     train_pairs, val_pairs = split_pairs(pairs, data_cfg.val_fraction, data_cfg.seed)
     tokenizer = CharTokenizer.build((t for p in train_pairs for t in (p.prompt, p.answer)), data_cfg.max_vocab)
-    train, train_cut = encode_pairs(train_pairs, tokenizer, max_len)
-    val, val_cut = encode_pairs(val_pairs, tokenizer, max_len)
+    names = tuple(dict.fromkeys(pair.module for pair in pairs))  # one module index for both splits
+    index = {name: i for i, name in enumerate(names)}
+    sides = {"train": train_pairs, "val": val_pairs}
+    encoded = {side: encode_sequences(side_pairs, tokenizer) for side, side_pairs in sides.items()}
+    lengths = {side: np.asarray([len(seq) for seq in seqs], dtype=np.int64) for side, (seqs, _) in encoded.items()}
+    longest = int(max(lengths["train"].max(), lengths["val"].max()))
+    length = auto_max_len(longest, max_len_cap) if max_len == "auto" else int(max_len)
+    train, val = (pack(*encoded[side], [index[p.module] for p in sides[side]], names, length)
+                  for side in ("train", "val"))
     stats.update({
-        "train_pairs": len(train), "val_pairs": len(val), "max_len": max_len, "vocab_size": len(tokenizer),
-        "truncated_train": train_cut, "truncated_val": val_cut,
-        # Validation characters the training vocabulary never saw.
-        "val_unk_tokens": int(np.count_nonzero(val.tokens == tokenizer.unk_id)),
+        "train_pairs": len(train), "val_pairs": len(val), "max_len": length, "max_len_requested": max_len,
+        "max_len_cap": max_len_cap, "vocab_size": len(tokenizer),
+        "truncated_train": int(train.truncated.sum()), "truncated_val": int(val.truncated.sum()),
+        **describe_split(train_pairs, val_pairs, lengths, tokenizer, names, length),
     })
+    if not allow_truncation:
+        check_truncation(stats, max_len, max_len_cap)
     return PreparedData(tokenizer.to_dict(), train, val, stats)
 
 
@@ -299,9 +401,11 @@ class Batch:
     inputs: torch.Tensor   # token ids, right-padded with [PAD]
     labels: torch.Tensor   # the next token; IGNORE_INDEX where no loss is taken
     answer: torch.Tensor   # bool: the next token is an answer token or its [EOS]
+    truncated: torch.Tensor  # bool [B]: max_len cut the row's answer (never an exact match)
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.inputs.to(device), self.labels.to(device), self.answer.to(device))
+        return Batch(self.inputs.to(device), self.labels.to(device), self.answer.to(device),
+                     self.truncated.to(device))
 
 
 def make_batch(split: EncodedSplit, rows: np.ndarray, loss_on: str = "answer") -> Batch:
@@ -327,7 +431,8 @@ def make_batch(split: EncodedSplit, rows: np.ndarray, loss_on: str = "answer") -
         answer[r, split.answer_starts[row] - 1:n] = True
     if loss_on == "answer":
         labels[~answer] = IGNORE_INDEX
-    return Batch(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(answer))
+    return Batch(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(answer),
+                 torch.from_numpy(split.truncated[rows]))
 
 
 def iter_batches(split: EncodedSplit, batch_size: int, *, seed: int, epoch: int, shuffle: bool,

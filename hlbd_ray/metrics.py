@@ -73,16 +73,20 @@ def count_tokens(logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Ten
     return TokenCounts(float(loss_sum.detach()), int(correct), int(mask.sum()))
 
 
-def exact_sequences(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Tensor) -> tuple[int, int]:
+def exact_sequences(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Tensor,
+                    truncated: torch.Tensor | None = None) -> tuple[int, int]:
     """(sequences whose every answer token is the argmax, sequences with an answer token).
 
     `answer` is the batch's answer mask. Under teacher forcing this equals exact greedy
     decoding: if every argmax matches, greedy decoding reproduces the answer token by
     token (each step sees the true prefix); the first mismatch is exactly where greedy
     decoding would diverge. An answer holding [UNK] is never exact: decoding can at best
-    print "[UNK]", never the character it replaced.
+    print "[UNK]", never the character it replaced. A `truncated` row (max_len cut its
+    answer and [EOS]) is never exact: matching the prefix is not reproducing the answer.
     """
     wrong = (((logits.argmax(-1) != labels) | (labels == UNK_ID)) & answer).any(dim=1)
+    if truncated is not None:
+        wrong |= truncated
     has_answer = answer.any(dim=1)
     return int((has_answer & ~wrong).sum()), int(has_answer.sum())
 

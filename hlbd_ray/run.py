@@ -17,6 +17,7 @@ from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import start_ray
 from hlbd_ray.config import Config, TrainConfig, to_dict, to_yaml
 from hlbd_ray.data import PreparedData, prepare_data
+from hlbd_ray.datareport import format_table, write_report
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
 from hlbd_ray.files import atomic_write_json, atomic_write_text, ensure_writable_dir
 from hlbd_ray.model import resolve_factory
@@ -30,30 +31,38 @@ def storage_join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-def preflight(cfg: Config) -> tuple[Config, PreparedData]:
+def preflight(cfg: Config, folder: str | None = None) -> tuple[Config, PreparedData]:
     """Everything that can be checked without Ray, so user errors surface before it starts.
 
     Returns the config with absolute local paths (workers and trials run in other
-    working directories) and the prepared data. Nothing is written before the data
-    passed its checks: a bad input leaves no output behind.
+    working directories) and train.max_len resolved to the length the data were cut at,
+    and the prepared data. Only once the data passed its checks: the data line and table
+    are printed and dataset_report.json is written to output_dir/`folder` (default
+    `name`; a sweep passes sweep.name). A bad input leaves no output behind.
     """
     if cfg.model.factory:
         resolve_factory(cfg.model.factory)
-    data = prepare_data(cfg.data, cfg.train.max_len)
-    run_length(cfg.train, data.train, cfg.train.num_workers)  # refuses a warmup as long as the run
-    print(describe_data(data.dataset_stats), flush=True)
+    t = cfg.train
+    data = prepare_data(cfg.data, t.max_len, max_len_cap=t.max_len_cap, allow_truncation=t.allow_truncation)
+    run_length(t, data.train, t.num_workers)  # refuses a warmup as long as the run
     output_dir = str(ensure_writable_dir(cfg.output_dir))
     storage = cfg.storage_path or output_dir
     if "://" not in storage:
         storage = str(ensure_writable_dir(storage))
-    return replace(cfg, output_dir=output_dir, storage_path=storage), data
+    report = write_report(Path(output_dir) / (folder or cfg.name), data.dataset_stats)
+    print(f"{describe_data(data.dataset_stats)}\n{format_table(data.dataset_stats)}\n"
+          f"data report: {report}", flush=True)
+    resolved = replace(cfg, train=replace(t, max_len=data.dataset_stats["max_len"]))
+    return replace(resolved, output_dir=output_dir, storage_path=storage), data
 
 
 def describe_data(stats: dict[str, Any]) -> str:
     """One line on what the run trains on, with how many answers max_len cuts: a cut is never silent."""
     sources = ", ".join(f["source"] for f in stats["files"])
     truncated = stats["truncated_train"] + stats["truncated_val"]
-    return (f"data: {stats['train_pairs']} train / {stats['val_pairs']} validation pairs from "
+    split = stats["split"]
+    return (f"data: {stats['train_pairs']} train / {stats['val_pairs']} validation pairs "
+            f"({split['train']['facts']} / {split['val']['facts']} facts, split by fact) from "
             f"{sources}; vocabulary {stats['vocab_size']}; max_len {stats['max_len']} cuts "
             f"{truncated} answers")
 

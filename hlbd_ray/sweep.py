@@ -137,7 +137,7 @@ def run_sweep_job(cfg: Config) -> int:
     143 SIGTERM; after 3, 130 and 143 the same command resumes the sweep.
     """
     validate(cfg, sweep=True)
-    cfg, data = preflight(cfg)
+    cfg, data = preflight(cfg, cfg.sweep.name)
     report_dir = Path(cfg.output_dir) / cfg.sweep.name
     interrupt = Interrupt()
     with interrupt.installed(), driver_log(report_dir / "sweep.log"):

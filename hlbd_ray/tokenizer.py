@@ -88,6 +88,10 @@ class CharTokenizer:
         ids, unk = self._ids, self._unk
         return [ids.get(piece, unk) for piece in _pieces(text)]
 
+    def unknown(self, text: str) -> list[str]:
+        """The characters of `text` that encode to [UNK] (the vocabulary lacks them)."""
+        return [piece for piece in _pieces(text) if piece not in self._ids]
+
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """Text for `ids`; [PAD], [BOS], [EOS] and [SEP] are left out unless skip_special is False.
 

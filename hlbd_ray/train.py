@@ -80,6 +80,9 @@ class TrainRun:
         self._seed(self.t.seed + self.rank)
         self.precision = resolve_precision(self.t.precision, self.device)
         self.tokenizer = CharTokenizer.from_dict(data.tokenizer)
+        if not isinstance(self.t.max_len, int):
+            raise ValueError(f"train.max_len={self.t.max_len!r} must be resolved to the length the data "
+                             "were cut at before training (run.preflight does it)")
         self.spec = ModelSpec.from_config(cfg.model, len(self.tokenizer), self.t.max_len)
         self.model = build_model(self.spec, cfg.model.factory).to(self.device)
         self.optimizer = build_optimizer(self.model, self.t)
@@ -227,7 +230,7 @@ class TrainRun:
             with self._autocast():
                 logits = self.model(b.inputs)
             counts.add(count_tokens(logits, b.labels, token_loss_sum(logits, b.labels)))
-            hit, n = exact_sequences(logits, b.labels, b.answer)
+            hit, n = exact_sequences(logits, b.labels, b.answer, b.truncated)
             exact, answered = exact + hit, answered + n
         loss_sum, correct, tokens, exact, answered = all_reduce_sums(
             [counts.loss_sum, counts.correct, counts.tokens, exact, answered])

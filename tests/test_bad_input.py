@@ -15,7 +15,7 @@ from hlbd_ray import run, sweep
 from hlbd_ray.config import load_config
 from hlbd_ray.errors import EXIT_USER_ERROR, run_cli
 
-from .conftest import REPO, run_job
+from .conftest import HLBD_DIR, REPO, run_job
 
 SMOKE = str(REPO / "conf" / "smoke.yaml")
 FULL_SAMPLE = {"concept": "猫", "level_1": {"字卡": "猫", "emoji": "🐱"}, "level_2": {"短语": "猫咪"},
@@ -40,8 +40,13 @@ def _write(path: Path, content: bytes) -> str:
     return str(path)
 
 
-def full_without(level: str):
-    sample = {k: v for k, v in FULL_SAMPLE.items() if k != level}
+def full_without(*levels: str):
+    sample = {k: v for k, v in FULL_SAMPLE.items() if k not in levels}
+    return doc({"samples": [FULL_SAMPLE, sample]})
+
+
+def full_with_field_missing():
+    sample = {**FULL_SAMPLE, "level_1": {"字卡": "猫"}}
     return doc({"samples": [FULL_SAMPLE, sample]})
 
 
@@ -56,7 +61,8 @@ CASES = [
     ("neither-shape", doc({"rows": [1, 2]}), [], "not an HLBD file"),
     ("empty-samples", doc({"samples": []}), [], "empty"),
     ("empty-data", doc({"data": {}}), [], "empty"),
-    ("missing-field", full_without("level_5"), [], "level_5"),
+    ("no-answer", full_without(*(f"level_{n}" for n in range(4, 9))), [], "sample 1: no answer"),
+    ("level-missing-its-field", full_with_field_missing(), [], "sample 1: missing key 'level_1.emoji'"),
     ("wrong-type", doc({"data": {"arithmetic": [{"input": "1 + 1 = ?", "output": 2}]}}), [], "output"),
     ("not-utf8", raw('{"data": {"m": [{"input": "é", "output": "x"}]}}'.encode("latin-1")), [], "UTF-8"),
     ("huge-line", text('{"data": {"m": [' + '{"input": "1", "output": "2"},' * 200_000), [], "data.json"),
@@ -70,6 +76,10 @@ CASES = [
     ("zero-epochs", None, ["train.epochs=0"], "train.epochs must be > 0"),
     ("heads", None, ["model.d_model=32", "model.num_heads=3"], "valid head counts for d_model=32"),
     ("max-len", None, ["train.max_len=8"], "max_len"),
+    ("max-len-word", None, ["train.max_len=abc"], "train.max_len must be 'auto' or an integer > 0, got 'abc'"),
+    # The README's old example: HLBD Full with max_len 128 cuts 68.7% of the answers.
+    ("truncation", lambda folder: str(HLBD_DIR / "HLBD_Full_V2.json"), ["train.max_len=128"],
+     "train.max_len=128 cuts 68.7% of the answers (3436 of 5000, losing their [EOS]); max_len 232 would cut none"),
     ("factory", None, ["model.factory=no_such_package.models:build"], "no_such_package"),
     # smoke.yaml: 3 epochs x 12 optimizer steps
     ("warmup-fills-run", None, ["train.warmup_steps=36"], "train.warmup_steps=36 must be shorter than the run: 36 "),
@@ -113,9 +123,16 @@ def test_a_bom_file_passes_the_checks(tmp_path):
     assert data.dataset_stats["train_pairs"] + data.dataset_stats["val_pairs"] == 4
 
 
-@pytest.mark.parametrize("script", ["train.py", "sweep.py"])
-def test_the_real_scripts_exit_2_without_a_traceback(tmp_path, script):
-    result = run_job(script, "--config", SMOKE, f"output_dir={tmp_path}", "model.num_heads=3", timeout=120)
+@pytest.mark.parametrize("script, overrides, message", [
+    ("train.py", ["model.num_heads=3"], "error: model.d_model=32 is not divisible by model.num_heads=3"),
+    ("sweep.py", ["model.num_heads=3"], "error: model.d_model=32 is not divisible by model.num_heads=3"),
+    ("train.py", [f"data.paths=[{HLBD_DIR / 'HLBD_Full_V2.json'}]", "train.max_len=128"],
+     "error: train.max_len=128 cuts 68.7% of the answers"),
+])
+def test_the_real_scripts_exit_2_without_a_traceback(tmp_path, script, overrides, message):
+    out = tmp_path / "out"
+    result = run_job(script, "--config", SMOKE, f"output_dir={out}", *overrides, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: model.d_model=32 is not divisible by model.num_heads=3")
+    assert result.stderr.strip().startswith(message)
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -41,7 +41,7 @@ def test_each_shipped_config_prepares_its_data_and_builds_every_model_it_trains(
     archs = {(cfg.model.d_model, cfg.model.num_heads), *space_pairs(cfg.sweep.space)}
     for d_model, num_heads in sorted(archs):
         model_cfg = replace(cfg.model, d_model=d_model, num_heads=num_heads)
-        model = build_model(ModelSpec.from_config(model_cfg, stats["vocab_size"], cfg.train.max_len))
+        model = build_model(ModelSpec.from_config(model_cfg, stats["vocab_size"], stats["max_len"]))
         with torch.no_grad():
             logits = model.eval()(longest.inputs)
         assert logits.shape == (1, longest.inputs.shape[1], stats["vocab_size"])
@@ -66,7 +66,7 @@ def test_the_smoke_config_stays_a_smoke_test():
     """The tests run conf/smoke.yaml end to end several times: it must stay tiny."""
     cfg = load_config(CONF_DIR / "smoke.yaml")
     data = prepare_data(cfg.data, cfg.train.max_len)
-    model = build_model(ModelSpec.from_config(cfg.model, len(data.build_tokenizer()), cfg.train.max_len))
+    model = build_model(ModelSpec.from_config(cfg.model, len(data.build_tokenizer()), data.dataset_stats["max_len"]))
     batches = cfg.sweep.num_samples * cfg.train.epochs * num_batches(data.train, cfg.train.batch_size)
     assert sum(p.numel() for p in model.parameters()) < 50_000
     assert batches <= 200 and len(data.val) <= 50               # micro-batches over all trials
@@ -94,6 +94,10 @@ def test_overrides_win_over_the_file_and_defaults_fill_the_rest():
     (["data.val_fraction=1.5"], "data.val_fraction"),
     (["train.report_every=1000", "train.grad_accum=4"], "bounded report size"),
     (["train.precision=fp16"], "train.precision: Invalid value 'fp16', expected one of [auto, fp32, bf16]"),
+    (["train.max_len=abc"], "train.max_len must be 'auto' or an integer > 0, got 'abc'"),
+    (["train.max_len=1.5"], "train.max_len must be 'auto' or an integer > 0, got 1.5"),
+    (["train.max_len=true"], "train.max_len must be 'auto' or an integer > 0, got True"),
+    (["train.max_len_cap=0"], "train.max_len_cap must be > 0"),
     # The sweep section (moved here with its checks from search.check_space).
     (["sweep.search=bayes"], "sweep.search"),
     (["sweep.scheduler=pbt"], "sweep.scheduler"),
@@ -149,3 +153,11 @@ def test_dict_and_yaml_round_trips_keep_every_value():
     assert from_dict(to_dict(cfg)) == cfg
     assert isinstance(cfg, Config)
     assert "lr: 0.002" in to_yaml(cfg)
+
+
+def test_max_len_is_auto_or_an_integer_and_the_resolved_integer_round_trips():
+    assert load_config(None).train.max_len == "auto"
+    explicit = load_config(None, ["train.max_len=128"])
+    assert type(explicit.train.max_len) is int and explicit.train.max_len == 128
+    resolved = replace(explicit, train=replace(explicit.train, max_len=232))
+    assert "  max_len: 232\n" in to_yaml(resolved) and from_dict(to_dict(resolved)).train.max_len == 232

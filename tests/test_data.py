@@ -15,7 +15,8 @@ import torch
 
 from hlbd_ray.config import DataConfig
 from hlbd_ray.data import (IGNORE_INDEX, EncodedSplit, Pair, encode_pairs, iter_batches, load_pairs,
-                           make_batch, num_batches, prepare_data, read_file, split_pairs)
+                           make_batch, num_batches, prepare_data, read_file)
+from hlbd_ray.facts import split_pairs
 from hlbd_ray.errors import UserError
 from hlbd_ray.tokenizer import CharTokenizer
 
@@ -59,7 +60,7 @@ def test_hardcore_file_counts_per_module():
               ("geometry", "arithmetic", "zodiac", "physics", "reverse_english")}
     assert counts == {"geometry": 860, "arithmetic": 1899, "zodiac": 528, "physics": 825, "reverse_english": 930}
     assert pairs[0] == Pair("一个三角形有一个39度的角，另一个107度的角，第三个角是多少度？", "34度",
-                            "HLBD_Hardcore_Full_V2.json", "geometry")
+                            "HLBD_Hardcore_Full_V2.json", "geometry", "34度|107,39")
 
 
 @needs_data
@@ -170,26 +171,11 @@ def test_a_huge_single_line_file_reads(tmp_path):
 
 # --- split -----------------------------------------------------------------------------
 
-def numbered_pairs(n: int) -> list[Pair]:
-    return [Pair(f"q{i}", f"a{i}", "t.json", "m") for i in range(n)]
-
-
-def test_split_is_seeded_disjoint_and_complete():
-    pairs = numbered_pairs(200)
-    train, val = split_pairs(pairs, 0.1, seed=5)
-    assert (len(train), len(val)) == (180, 20)
-    assert set(train).isdisjoint(val) and set(train) | set(val) == set(pairs)
-    assert split_pairs(pairs, 0.1, seed=5) == (train, val)
-    assert split_pairs(pairs, 0.1, seed=6)[1] != val
-    assert train == sorted(train, key=pairs.index)  # input order kept
-    with pytest.raises(UserError, match="at least 2 pairs"):
-        split_pairs(pairs[:1], 0.1, seed=0)
-
-
 _CHILD = """
 import numpy as np
-from hlbd_ray.data import EncodedSplit, Pair, iter_batches, split_pairs
-pairs = [Pair(f"q{i}", "a", "s", "m") for i in range(50)]
+from hlbd_ray.data import EncodedSplit, Pair, iter_batches
+from hlbd_ray.facts import split_pairs
+pairs = [Pair(f"q{i}", "a", "s", "m", f"q{i}") for i in range(50)]
 seqs = np.array([[2, 100 + i, 4, 200 + i, 3] for i in range(50)], dtype=np.int32)
 split = EncodedSplit(seqs.ravel(), np.arange(0, 251, 5, dtype=np.int64), np.full(50, 3, dtype=np.int32))
 batches = iter_batches(split, 4, seed=9, epoch=2, shuffle=True, rank=1, world_size=3)
@@ -200,7 +186,7 @@ print([p.prompt for p in split_pairs(pairs, 0.2, seed=9)[1]], [int(x) - 100 for 
 def test_split_and_epoch_order_are_the_same_in_another_process():
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True)
-    val = split_pairs([Pair(f"q{i}", "a", "s", "m") for i in range(50)], 0.2, seed=9)[1]
+    val = split_pairs([Pair(f"q{i}", "a", "s", "m", f"q{i}") for i in range(50)], 0.2, seed=9)[1]
     rows = rows_of(iter_batches(fixed_split(50), 4, seed=9, epoch=2, shuffle=True, rank=1, world_size=3))
     assert len(rows) == 17
     assert out.stdout.strip() == f"{[p.prompt for p in val]} {rows}"
@@ -209,10 +195,11 @@ def test_split_and_epoch_order_are_the_same_in_another_process():
 # --- sequences -------------------------------------------------------------------------
 
 def test_sequences_are_bos_prompt_sep_answer_eos():
-    pairs = [Pair("ab", "xyz", "s", "m"), Pair("b", "", "s", "m")]
+    pairs = [Pair("ab", "xyz", "s", "m", "1"), Pair("b", "", "s", "n", "2")]
     tok = CharTokenizer.build(["abxyz"], 100)
-    split, cut = encode_pairs(pairs, tok, max_len=16)
-    assert cut == 0 and len(split) == 2
+    split = encode_pairs(pairs, tok, max_len=16)
+    assert not split.truncated.any() and len(split) == 2
+    assert split.module_names == ("m", "n") and split.modules.tolist() == [0, 1]
     assert split.tokens.dtype == np.int32 and split.offsets.dtype == np.int64
     assert split.sequence(0).tolist() == [tok.bos_id, *tok.encode("ab"), tok.sep_id, *tok.encode("xyz"), tok.eos_id]
     assert split.answer_starts.tolist() == [4, 3]
@@ -220,10 +207,10 @@ def test_sequences_are_bos_prompt_sep_answer_eos():
 
 
 def test_long_answers_are_cut_and_counted_long_prompts_refused():
-    pairs = [Pair("ab", "xyzxyz", "s", "m"), Pair("a", "x", "s", "m")]
+    pairs = [Pair("ab", "xyzxyz", "s", "m", "1"), Pair("a", "x", "s", "m", "2")]
     tok = CharTokenizer.build(["abxyz"], 100)
-    split, cut = encode_pairs(pairs, tok, max_len=6)
-    assert cut == 1 and split.lengths.tolist() == [6, 5]
+    split = encode_pairs(pairs, tok, max_len=6)
+    assert split.truncated.tolist() == [True, False] and split.lengths.tolist() == [6, 5]
     assert split.sequence(0)[-1] != tok.eos_id and split.sequence(1)[-1] == tok.eos_id
     with pytest.raises(UserError, match=r"max_len=4 .* longest prompt has 2 tokens"):
         encode_pairs(pairs, tok, max_len=4)
@@ -320,3 +307,109 @@ def test_vocabulary_comes_from_training_pairs_only(tmp_path):
     assert "甲" not in tok.to_dict()["tokens"]
     assert prepared.dataset_stats["val_unk_tokens"] == 1
     assert tok.unk_id in prepared.val.tokens.tolist()
+
+
+# --- Full samples missing levels (read like the reference's reader) --------------------
+
+def _real_full_with_edits(tmp_path: Path, edit) -> str:
+    doc = json.loads(Path(FULL).read_text(encoding="utf-8"))
+    edit(doc["samples"])
+    return write_json(tmp_path / "full_edited.json", doc)
+
+
+@needs_data
+def test_full_samples_missing_levels_are_read_without_them_and_counted(tmp_path):
+    def edit(samples: list[dict]) -> None:
+        for i in (0, 5):
+            del samples[i]["level_7"]
+        del samples[3]["level_2"]
+        del samples[8]["concept"]
+        samples[1]["level_9"] = {"x": "y"}
+        samples[2]["level_9"] = {"x": "z"}
+        samples[4]["notes"] = "unknown keys are ignored"
+
+    path = _real_full_with_edits(tmp_path, edit)
+    _, original = read_file(FULL)
+    pairs, stats = load_pairs([path], generated_per_module=0, seed=0)
+    assert len(pairs) == 5000
+    assert pairs[0].answer == "[PY] shì pín liáo tiān\n[EN] Video chat\n记得视频聊天。\n[KR] 영상통화"
+    assert "[JP]" not in pairs[5].answer and pairs[5].answer.count("\n") == 3
+    assert "[PHRASE]" not in pairs[3].prompt and pairs[3].prompt.count("\n") == 2
+    assert pairs[8].prompt == original[8].prompt.split("\n", 1)[1]       # the concept line is gone
+    assert pairs[8].fact.startswith("prompt:") and pairs[7].fact == original[7].fact
+    # Unknown keys change nothing in the text.
+    assert [(p.prompt, p.answer) for p in pairs[1:3] + pairs[4:5]] == \
+        [(p.prompt, p.answer) for p in original[1:3] + original[4:5]]
+    levels = {"missing": {"concept": 1, "level_2": 1, "level_7": 2}, "unknown_keys": {"level_9": 2, "notes": 1}}
+    assert stats["files"][0]["levels"] == stats["total"]["levels"] == levels
+    prepared = prepare_data(DataConfig(paths=[path]))
+    assert prepared.dataset_stats["total"]["levels"] == levels
+
+
+@needs_data
+@pytest.mark.parametrize("drop, part", [(("level_4", "level_5", "level_6", "level_7", "level_8"), "answer"),
+                                        (("concept", "level_1", "level_2", "level_3"), "prompt")])
+def test_only_a_full_sample_with_no_prompt_or_no_answer_is_refused(tmp_path, drop, part):
+    def edit(samples: list[dict]) -> None:
+        del samples[2]["level_7"]    # accepted
+        for key in drop:
+            del samples[7][key]
+
+    path = _real_full_with_edits(tmp_path, edit)
+    with pytest.raises(UserError) as caught:
+        load_pairs([path], generated_per_module=0, seed=0)
+    assert str(caught.value).startswith(f"{path}: sample 7: no {part}: the sample has none of ")
+
+
+# --- max_len: auto, capped, and no silent truncation -------------------------------------
+
+@needs_data
+def test_auto_max_len_is_the_longest_sequence_rounded_up_to_8():
+    full = prepare_data(DataConfig(paths=[FULL]))
+    stats = full.dataset_stats
+    assert (stats["max_len"], stats["lengths"], stats["max_len_requested"]) == \
+        (232, {"p50": 140, "p99": 180, "max": 232}, "auto")
+    assert stats["truncated_train"] == stats["truncated_val"] == 0 and not full.train.truncated.any()
+    generated = prepare_data(DataConfig(generated_per_module=100)).dataset_stats
+    assert generated["lengths"]["max"] == 51 and generated["max_len"] == 56
+
+
+@needs_data
+def test_a_cap_or_an_explicit_max_len_that_cuts_over_1_percent_is_refused():
+    with pytest.raises(UserError) as caught:
+        prepare_data(DataConfig(paths=[FULL]), 128)
+    assert str(caught.value) == (
+        "train.max_len=128 cuts 68.7% of the answers (3436 of 5000, losing their [EOS]); max_len 232 would "
+        "cut none (train.max_len=auto picks it); set train.allow_truncation=true to train on cut answers anyway")
+    with pytest.raises(UserError, match=r"^train.max_len=auto, capped at train.max_len_cap=176, cuts 1.7% .*"
+                                        r"\(train.max_len_cap=232\)"):
+        prepare_data(DataConfig(paths=[FULL]), "auto", max_len_cap=176)
+    # 180 cuts 46 of 5000 answers (0.9%): allowed, and each cut sequence is marked.
+    data = prepare_data(DataConfig(paths=[FULL]), 180)
+    assert data.dataset_stats["truncated_train"] + data.dataset_stats["truncated_val"] == 46
+    allowed = prepare_data(DataConfig(paths=[FULL]), 128, allow_truncation=True)
+    cut = allowed.train.truncated
+    assert cut.sum() == allowed.dataset_stats["truncated_train"] and allowed.train.lengths.max() == 128
+    assert (allowed.train.lengths[cut] == 128).all() and (allowed.train.lengths[~cut] <= 128).all()
+
+
+@needs_data
+def test_the_readme_example_cuts_nothing(tmp_path):
+    from hlbd_ray.config import CONF_DIR, load_config
+
+    cfg = load_config(CONF_DIR / "sweep.yaml", [f"data.paths=[{FULL}]"])
+    stats = prepare_data(cfg.data, cfg.train.max_len, max_len_cap=cfg.train.max_len_cap).dataset_stats
+    assert stats["max_len"] == 232 and stats["truncated_train"] + stats["truncated_val"] == 0
+
+
+@needs_data
+def test_both_splits_share_one_module_index():
+    data = prepare_data(DataConfig(paths=[FULL, HARDCORE_V2]))
+    names = ("full", "geometry", "arithmetic", "zodiac", "physics", "reverse_english")
+    assert data.train.module_names == data.val.module_names == names
+    modules = data.dataset_stats["modules"]
+    for split, side in ((data.train, "train_pairs"), (data.val, "val_pairs")):
+        counts = np.bincount(split.modules, minlength=len(names))
+        assert dict(zip(names, counts.tolist())) == {m: modules[m][side] for m in names}
+    # Full sequences are the long ones: the index points at the right rows.
+    assert data.val.lengths[data.val.modules == 0].min() > data.val.lengths[data.val.modules != 0].max()

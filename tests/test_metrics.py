@@ -97,3 +97,12 @@ def test_exact_match_by_teacher_forcing_equals_greedy_decoding():
             labels = seq[:, 1:].clone()
             labels[:, : len(prompt) - 1] = IGNORE_INDEX
             assert exact_sequences(model(seq[:, :-1]), labels, labels != IGNORE_INDEX) == (0, 1)
+
+
+def test_a_truncated_answer_is_never_exact():
+    labels = torch.tensor([[IGNORE_INDEX, 3, 4], [IGNORE_INDEX, 3, 4]])
+    logits = torch.nn.functional.one_hot(torch.tensor([[0, 3, 4], [0, 3, 4]]), 6).float()
+    answer = labels != IGNORE_INDEX
+    assert exact_sequences(logits, labels, answer) == (2, 2)
+    # Row 1 lost the end of its answer (and its [EOS]) to max_len: its prefix is not the answer.
+    assert exact_sequences(logits, labels, answer, torch.tensor([False, True])) == (1, 2)

@@ -30,6 +30,9 @@ def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
     run_dir = tmp_path / "ddp"
     cfg = load_config(run_dir / "config.yaml")                     # the resolved config
     assert cfg.train.num_workers == 2 and cfg.output_dir == str(tmp_path)
+    # max_len "auto" became the data's length, in the config, the report and the checkpoint.
+    report = json.loads((run_dir / "dataset_report.json").read_text())
+    assert cfg.train.max_len == report["max_len"] == 56 and report["split"]["val_with_train_twin"] == 0
     vocab = json.loads((run_dir / "vocab.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len({tuple(sorted(r)) for r in records}) == 1             # same keys every report
@@ -40,6 +43,7 @@ def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
     assert records[-1]["batch"] == 2 * records[-1]["epoch_batches"]
     state = torch.load(f"{ends[-1]['checkpoint_path']}/state.pt", weights_only=True)
     assert state["tokenizer"] == vocab and state["progress"]["epoch"] == 2
+    assert state["config"]["train"]["max_len"] == 56
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in Path(ends[-1]["checkpoint_path"]).iterdir()}
     assert "run summary" in result.stdout and "val_loss" in result.stdout
     # Ray Train's own INFO line per report, with every metric, is muted on the workers.
@@ -54,13 +58,30 @@ def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
     assert replay["val_loss"] == ends[-1]["val_loss"] and replay["batch_losses"] == []
 
 
-def test_preflight_reports_truncation_and_resolves_paths(tmp_path, capsys, hlbd_dir):
+def test_preflight_resolves_max_len_and_paths_and_writes_the_data_report(tmp_path, capsys, hlbd_dir):
     from hlbd_ray.run import preflight
 
-    cfg = load_config(SMOKE, ["data.paths=[hlbd:full]", "train.max_len=150", f"output_dir={tmp_path / 'out'}"])
+    cfg = load_config(SMOKE, [f"data.paths=[{hlbd_dir / 'HLBD_Full_V2.json'}]", "train.max_len=auto",
+                              f"output_dir={tmp_path / 'out'}", "name=run1"])
+    resolved, data = preflight(cfg)
+    out = capsys.readouterr().out
+    # auto: the longest sequence (232 tokens) rounded up to a multiple of 8, cutting nothing.
+    assert resolved.train.max_len == data.dataset_stats["max_len"] == 232
+    assert "max_len 232 cuts 0 answers" in out and "\nfull " in out
+    assert resolved.output_dir == str(tmp_path / "out") and resolved.storage_path == resolved.output_dir
+    report = json.loads((tmp_path / "out" / "run1" / "dataset_report.json").read_text())
+    assert report["format"] == "hlbd_ray.dataset_report/1" and report["max_len"] == 232
+    assert f"data report: {tmp_path / 'out' / 'run1' / 'dataset_report.json'}" in out
+
+
+def test_preflight_trains_on_cut_answers_only_when_allowed(tmp_path, capsys, hlbd_dir):
+    from hlbd_ray.run import preflight
+
+    cfg = load_config(SMOKE, ["data.paths=[hlbd:full]", "train.max_len=150",
+                              "train.allow_truncation=true", f"output_dir={tmp_path / 'out'}"])
     resolved, data = preflight(cfg)
     stats = data.dataset_stats
     assert stats["files"][0]["path"] == str(hlbd_dir / "HLBD_Full_V2.json")
     cut = stats["truncated_train"] + stats["truncated_val"]
-    assert cut > 0 and f"max_len 150 cuts {cut} answers" in capsys.readouterr().out
-    assert resolved.output_dir == str(tmp_path / "out") and resolved.storage_path == resolved.output_dir
+    assert resolved.train.max_len == 150 and cut == int(data.train.truncated.sum() + data.val.truncated.sum())
+    assert cut > 0.01 * 5000 and f"max_len 150 cuts {cut} answers" in capsys.readouterr().out

@@ -119,6 +119,8 @@ def test_smoke_sweep_end_to_end(tmp_path):
     assert best["best_val_loss"] == min(t["best_val_loss"] for t in trials)
     best_cfg = load_config(exp / "best_config.yaml")          # a loadable training config
     assert best_cfg.model.d_model % best_cfg.model.num_heads == 0
+    report = json.loads((exp / "dataset_report.json").read_text())   # written before training
+    assert best_cfg.train.max_len == report["max_len"] and report["split"]["val_with_train_twin"] == 0
     assert Path(best["checkpoint"]).is_dir()
     for name in ("curves.parquet", "epochs.parquet", "experiment_report.json"):
         assert (exp / "report" / name).is_file()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from itertools import islice
 
+import numpy as np
 import pytest
 import torch
 
-from hlbd_ray.data import IGNORE_INDEX, Batch, iter_batches
+from hlbd_ray.data import IGNORE_INDEX, Batch, EncodedSplit, PreparedData, iter_batches
 from hlbd_ray.metrics import token_loss_sum
 from hlbd_ray.optim import run_length
 from hlbd_ray.session import LocalSession
@@ -116,3 +117,35 @@ def test_injected_exception_fires_once_per_run_folder(tmp_path, micro_data):
         train_locally(cfg, micro_data, tmp_path / "run")
     # The marker makes the retry succeed, as a Train retry from the checkpoint would.
     assert train_locally(cfg, micro_data, tmp_path / "run2").reports[-1]["epochs_done"] == cfg.train.epochs
+
+
+class Successor(torch.nn.Module):
+    """Predicts id + 1 everywhere: exact on sequences of consecutive ids."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot((ids + 1) % self.vocab, self.vocab).float() * 10 + self.unused
+
+
+def test_validation_never_counts_a_cut_answer_as_exact(tmp_path, micro_data):
+    # Four validation sequences of consecutive ids; max_len cut rows 1 and 3.
+    seqs = [list(range(10 + 10 * i, 16 + 10 * i)) for i in range(4)]
+    val = EncodedSplit(np.asarray(sum(seqs, []), dtype=np.int32), np.arange(0, 25, 6, dtype=np.int64),
+                       np.full(4, 3, dtype=np.int32), truncated=np.array([False, True, False, True]))
+    data = PreparedData(micro_data.tokenizer, micro_data.train, val, micro_data.dataset_stats)
+    run = new_run(tmp_path, data)
+    run.model = Successor(len(run.tokenizer))
+    metrics = run.evaluate()
+    assert metrics["val_acc"] == 1.0           # every answer token is predicted...
+    assert metrics["val_exact"] == 0.5         # ...but only the two whole answers are exact
+    val.truncated[:] = False
+    assert run.evaluate()["val_exact"] == 1.0
+
+
+def test_a_run_needs_max_len_resolved_to_the_data(tmp_path, micro_data):
+    with pytest.raises(ValueError, match="train.max_len='auto' must be resolved"):
+        new_run(tmp_path, micro_data, "train.max_len=auto")
