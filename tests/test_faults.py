@@ -153,17 +153,34 @@ def test_a_killed_driver_resumes_and_report_files_are_whole_at_every_moment(tmp_
         assert_curves_complete(curves, trial["trial_id"], epochs=4, epoch_batches=12)
 
 
-def train_worker_pids() -> list[int]:
-    """Processes Ray titled as Train workers (Ray rewrites their command line)."""
-    pids = []
+def train_worker_pids(root: int) -> list[int]:
+    """This test's Train workers: processes Ray titled as Train workers (it rewrites their
+    command line) that descend from `root`, our driver. The driver starts its private
+    cluster's raylet as a child and the raylet its workers, so other users' Ray on the
+    same machine is never touched."""
+    parents: dict[int, int] = {}
+    titled: list[int] = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue       # the process ended while we looked
-    return pids
+        if not proc.name.isdigit():
+            continue
+        try:
+            # Field 4 of stat is the parent pid; the command name before it may hold spaces.
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                titled.append(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            continue       # the process ended while we looked
+
+    def descends(pid: int) -> bool:
+        for _ in range(64):
+            if pid == root:
+                return True
+            if pid not in parents or pid <= 1:
+                return False
+            pid = parents[pid]
+        return False
+
+    return [pid for pid in titled if descends(pid)]
 
 
 def test_a_worker_killed_from_outside_mid_epoch_is_replaced_and_nothing_is_lost(tmp_path):
@@ -196,14 +213,14 @@ def test_a_worker_killed_from_outside_mid_epoch_is_replaced_and_nothing_is_lost(
     while not mid_second_epoch():
         assert time.monotonic() < deadline and driver.poll() is None, "training never got going"
         time.sleep(0.1)
-    victims = train_worker_pids()
+    victims = train_worker_pids(driver.pid)
     assert victims, "no Train worker process found"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     driver.wait(timeout=300)
     log_file.close()
     assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]
-    assert not set(victims) & set(train_worker_pids())
+    assert not [pid for pid in victims if Path(f"/proc/{pid}").exists()]   # really killed
     (trial,) = pq.read_table(exp / "report/trials.parquet").to_pylist()
     assert trial["status"] == "TERMINATED" and trial["epochs"] == 4
     epoch_batches = trial["batches"] // 4
