@@ -110,7 +110,7 @@ def stamp_callback(path: Path) -> Any:
 
 
 def run_train(cfg: Config, data_ref: Any, out: Path, name: str) -> Timed:
-    from hlbd_ray.run import build_trainer
+    from hlbd_ray.trainer import build_trainer
 
     path = out / f"{name}.jsonl"
     trainer = build_trainer(cfg, data_ref, str(out / "train"), name, [stamp_callback(path)])

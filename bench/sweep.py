@@ -1,10 +1,9 @@
 """Benchmark: where the wall time of a small sweep goes.
 
-An 8-trial sweep of short trials on a 2-CPU local cluster, run the way `run_sweep_job`
-runs it (`preflight`, start_ray's settings, `plan_resources`, `build_tuner`, the report
-aggregator, the status line, `finish`; the cluster is always a new one on a free
-dashboard port, as other clusters may run on the machine), with one addition: a worker
-setup hook that wraps
+An 8-trial sweep of short trials on a 2-CPU local cluster, run by the sweep's own
+`hlbd_ray.sweep.run_sweep` (the cluster is always a new one on a free dashboard port, as
+other clusters may run on the machine), with its hooks: a Tune callback recording trial
+lifetimes and a worker setup hook that wraps
 `TrainRun`'s methods in every Ray worker process and appends one line per call (run
 name, what, start, end; wall clock) to a file per process. Nothing in the package is
 changed; the hook only times calls.
@@ -59,6 +58,10 @@ def install_timers() -> None:
     import importlib.abc
     import importlib.util
     import sys
+
+    from hlbd_ray.console import quiet_expected_events
+
+    quiet_expected_events()   # what the sweep's own setup hook does, replaced by this one
 
     class PatchOnImport(importlib.abc.MetaPathFinder):
         def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
@@ -122,29 +125,30 @@ def bench_config(args: argparse.Namespace, out: Path) -> Config:
 
 
 def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
-    """run_sweep_job's body with the timing hook added to the cluster's runtime_env."""
-    import ray
+    """The sweep as `run_sweep_job` runs it (`hlbd_ray.sweep.run_sweep`), with the timing
+    hook in every Ray worker, the trials' lifetimes recorded, on a new local cluster."""
     from ray import tune
 
-    from hlbd_ray.cluster import ray_env_vars, require_state_api
-    from hlbd_ray.report import ReportAggregator
-    from hlbd_ray.run import preflight
-    from hlbd_ray import live
-    from hlbd_ray.console import SweepStatus
-    from hlbd_ray.placement import PlacementGroupKeeper
-    from hlbd_ray.summary import finish
-    from hlbd_ray.sweep import build_tuner, plan_resources
+    from hlbd_ray.lifecycle import Interrupt
+    from hlbd_ray.sweep import SweepHooks, plan_resources
+    from hlbd_ray.sweep import run_sweep as sweep
+    from hlbd_ray.trainer import preflight
 
     lives: dict[str, dict[str, Any]] = defaultdict(dict)
+    fit: dict[str, float] = {}
 
     class Lifetimes(tune.Callback):
-        """Trial start and end as the driver sees them, and the report-derived fw+bw time."""
+        """Trial start and end as the driver sees them, the report-derived fw+bw time, and
+        `tuner.fit()`'s span (Tune sets its callbacks up when fit starts)."""
+
+        def setup(self, **info: Any) -> None:
+            fit["start"] = time.time()
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             lives[trial.trial_id]["start"] = time.time()
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            batches = result["batch"] - result["batch_start"]
+            batches = result["batches"] - result["batch_start"]
             life = lives[trial.trial_id]
             life["fw_bw_s"] = life.get("fw_bw_s", 0.0) + (result["fw_ms"] + result["bw_ms"]) * batches / 1e3
 
@@ -153,39 +157,20 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
 
         on_trial_error = on_trial_complete
 
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            fit["end"] = time.time()
+
     validate(cfg, sweep=True)
     t0 = time.time()
-    cfg, data = preflight(cfg)
+    cfg, data = preflight(cfg, cfg.sweep.name)
     t1 = time.time()
-    report_dir = Path(cfg.output_dir) / cfg.sweep.name
-    env = {**ray_env_vars(cfg.cluster), TIMELINE_ENV: str(timeline)}
-    os.environ.update(env)
-    # address="local": always a new cluster, never one already running on the machine.
-    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
-             dashboard_host=cfg.cluster.dashboard_host, dashboard_port=free_port(),
-             runtime_env={"env_vars": env, "worker_process_setup_hook": install_timers})
-    # The state API client finds its cluster by scanning the machine and gives up when
-    # several run (other people's); name ours.
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    try:
-        require_state_api()
-        t2 = time.time()
-        resources = plan_resources(cfg, ray.cluster_resources())
-        callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
-                                      data.dataset_stats),
-                     live.register("status", SweepStatus(cfg.sweep.metric, cfg.sweep.mode)),
-                     live.register("placements", PlacementGroupKeeper()), Lifetimes()]
-        tuner = build_tuner(cfg, ray.put(data), resources, callbacks)
-        start = time.time()
-        results = tuner.fit()
-        end = time.time()
-        finish(cfg, results, report_dir)
-    finally:
-        live.clear()
-        ray.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)
-    return {"trials": dict(lives), "start": start, "end": end, "slots": resources.max_concurrent,
-            "data_s": t1 - t0, "cluster_s": t2 - t1}
+    hooks = SweepHooks(callbacks=[Lifetimes()], env={TIMELINE_ENV: str(timeline)},
+                       worker_setup=install_timers, dashboard_port=free_port())
+    sweep(cfg, data, Path(cfg.output_dir) / cfg.sweep.name, Interrupt(), hooks)
+    slots = plan_resources(cfg, {"CPU": float(cfg.cluster.num_cpus)}).max_concurrent
+    # Cluster start: from the data being ready to fit() (includes building the Tuner).
+    return {"trials": dict(lives), "start": fit["start"], "end": fit["end"], "slots": slots,
+            "data_s": t1 - t0, "cluster_s": fit["start"] - t1}
 
 
 def free_port() -> int:

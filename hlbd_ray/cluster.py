@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from hlbd_ray.config import ClusterConfig
 from hlbd_ray.errors import UserError
@@ -32,11 +32,13 @@ def ray_env_vars(cluster: ClusterConfig, extra: dict[str, str] | None = None) ->
 
 
 def start_ray(cluster: ClusterConfig, extra_env: dict[str, str] | None = None,
-              setup_hook: str | None = None) -> dict[str, Any]:
+              setup_hook: str | Callable[[], None] | None = None,
+              dashboard_port: int = 0) -> dict[str, Any]:
     """Attach to a running cluster (cluster.address or RAY_ADDRESS) or start a local one.
 
     `extra_env` joins the env vars of every Ray process of the job; `setup_hook`
-    ("module.function") runs in each of its worker processes at start.
+    ("module.function", or a function) runs in each of its worker processes at start;
+    `dashboard_port` (0: Ray's default, 8265) is for a local cluster only.
     A local cluster binds its dashboard to cluster.dashboard_host (127.0.0.1 unless the
     user asks otherwise): exposing it would hand job submission to the network.
     """
@@ -56,7 +58,7 @@ def start_ray(cluster: ClusterConfig, extra_env: dict[str, str] | None = None,
         # (left by a head that was killed) would make a bare ray.init() try to attach.
         context = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                            include_dashboard=True, dashboard_host=cluster.dashboard_host,
-                           runtime_env=runtime_env)
+                           runtime_env=runtime_env, **({"dashboard_port": dashboard_port} if dashboard_port else {}))
     url = getattr(context, "dashboard_url", None)
     info = {"address": address or "local", "dashboard_url": f"http://{url}" if url else None,
             "resources": ray.cluster_resources()}

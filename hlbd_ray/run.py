@@ -1,70 +1,20 @@
-"""One training run on Ray Train: preflight checks, the TorchTrainer, its run folder.
-
-Used directly by `jobs/train.py` and, per trial, by the sweep. The data are prepared once
-by the caller and handed over as an object-store reference, so workers (and trials) share
-one tokenized copy instead of re-reading the files.
-"""
+"""The training job (`jobs/train.py`): one run on Ray Train, its run folder and summary.
+The run itself (checks, trainer) is `hlbd_ray.trainer`, which the sweep shares."""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import start_ray
-from hlbd_ray.config import Config, TrainConfig, to_dict, to_yaml
-from hlbd_ray.data import PreparedData, prepare_data
-from hlbd_ray.datareport import format_table, write_report
-from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK, UserError
-from hlbd_ray.files import atomic_write_json, atomic_write_text, ensure_writable_dir
-from hlbd_ray.model import resolve_factory
-from hlbd_ray.optim import run_length
-
-
-def storage_join(base: str, *parts: str) -> str:
-    """Join path parts onto a local folder or a URI (s3://bucket/x) alike."""
-    if "://" in base:
-        return "/".join([base.rstrip("/"), *parts])
-    return str(Path(base, *parts))
-
-
-def preflight(cfg: Config, folder: str | None = None) -> tuple[Config, PreparedData]:
-    """Everything that can be checked without Ray, so user errors surface before it starts.
-
-    Returns the config with absolute local paths (workers and trials run in other
-    working directories) and train.max_len resolved to the length the data were cut at,
-    and the prepared data. Only once the data passed its checks: the data line and table
-    are printed and dataset_report.json is written to output_dir/`folder` (default
-    `name`; a sweep passes sweep.name). A bad input leaves no output behind.
-    """
-    if cfg.model.factory:
-        resolve_factory(cfg.model.factory)
-    t = cfg.train
-    data = prepare_data(cfg.data, t.max_len, max_len_cap=t.max_len_cap, allow_truncation=t.allow_truncation)
-    run_length(t, data.train, t.num_workers)  # refuses a warmup as long as the run
-    output_dir = str(ensure_writable_dir(cfg.output_dir))
-    storage = cfg.storage_path or output_dir
-    if "://" not in storage:
-        storage = str(ensure_writable_dir(storage))
-    report = write_report(Path(output_dir) / (folder or cfg.name), data.dataset_stats)
-    print(f"{describe_data(data.dataset_stats)}\n{format_table(data.dataset_stats)}\n"
-          f"data report: {report}", flush=True)
-    resolved = replace(cfg, train=replace(t, max_len=data.dataset_stats["max_len"]))
-    return replace(resolved, output_dir=output_dir, storage_path=storage), data
-
-
-def describe_data(stats: dict[str, Any]) -> str:
-    """One line on what the run trains on, with how many answers max_len cuts: a cut is never silent."""
-    sources = ", ".join(f["source"] for f in stats["files"])
-    truncated = stats["truncated_train"] + stats["truncated_val"]
-    split = stats["split"]
-    return (f"data: {stats['train_pairs']} train / {stats['val_pairs']} validation pairs "
-            f"({split['train']['facts']} / {split['val']['facts']} facts, split by fact) from "
-            f"{sources}; vocabulary {stats['vocab_size']}; max_len {stats['max_len']} cuts "
-            f"{truncated} answers")
+from hlbd_ray.config import Config, to_yaml
+from hlbd_ray.data import PreparedData
+from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK
+from hlbd_ray.files import atomic_write_json, atomic_write_text
+from hlbd_ray.trainer import build_trainer, preflight, runs_that_fit, user_error_in
 
 
 def make_metrics_callback(path: Path):
@@ -82,67 +32,11 @@ def make_metrics_callback(path: Path):
     return MetricsFile()
 
 
-def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
-                  callbacks: list[Any] | None = None, worker_cpu: float | None = None,
-                  label_selector: dict[str, str] | None = None):
-    """A TorchTrainer for one run; `data` is a PreparedData or its ObjectRef.
-
-    `worker_cpu` overrides what each worker asks for (a sweep trial's driver takes a
-    sliver of the trial's CPUs); threads still follow train.cpus_per_worker.
-    `label_selector` goes to every worker and every bundle of the run's placement
-    groups (a sweep trial marks its groups with it, see placement.py).
-    """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from hlbd_ray.train import train_loop_per_worker
-
-    t = cfg.train
-    resources = {"CPU": worker_cpu if worker_cpu is not None else t.cpus_per_worker}
-    if t.gpus_per_worker > 0:
-        resources["GPU"] = t.gpus_per_worker
-    scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
-                            resources_per_worker=resources, label_selector=label_selector)
-    run_config = RunConfig(
-        name=name, storage_path=storage_path,
-        failure_config=FailureConfig(max_failures=t.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
-        callbacks=callbacks or [],
-        # Ray Train logs every report at INFO; our metrics file and reports hold them.
-        logging_config=LoggingConfig(log_level="WARNING"))
-    return TorchTrainer(train_loop_per_worker, scaling_config=scaling, run_config=run_config,
-                        train_loop_config={"config": to_dict(cfg), "data": data})
-
-
 def write_run_files(run_dir: Path, cfg: Config, data: PreparedData) -> None:
     """The resolved config, the vocabulary and the data statistics, next to the metrics."""
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     atomic_write_json(run_dir / "vocab.json", data.tokenizer)
     atomic_write_json(run_dir / "dataset_stats.json", data.dataset_stats)
-
-
-def user_error_in(err: BaseException) -> UserError | None:
-    """The UserError behind a training failure, if a worker raised one (e.g. a bad checkpoint)."""
-    failures = list(getattr(err, "worker_failures", {}).values())
-    for candidate in [err, *failures]:
-        depth = 0
-        while candidate is not None and depth < 10:
-            if isinstance(candidate, UserError):
-                return candidate
-            cause = getattr(candidate, "cause", None)
-            candidate = cause if isinstance(cause, BaseException) else candidate.__cause__
-            depth += 1
-    return None
-
-
-def check_fits(t: TrainConfig, resources: dict[str, float]) -> None:
-    """Refuse a run whose workers can never be placed (Ray would wait forever)."""
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    if t.num_workers * t.cpus_per_worker > cpus or t.num_workers * t.gpus_per_worker > gpus:
-        raise UserError(
-            f"train.num_workers={t.num_workers} x (cpus_per_worker={t.cpus_per_worker}, "
-            f"gpus_per_worker={t.gpus_per_worker}) does not fit the cluster "
-            f"({cpus:g} CPUs, {gpus:g} GPUs)")
 
 
 def run_training_job(cfg: Config) -> int:
@@ -154,7 +48,7 @@ def run_training_job(cfg: Config) -> int:
 
     start_ray(cfg.cluster)
     try:
-        check_fits(cfg.train, ray.cluster_resources())
+        runs_that_fit(cfg.train, ray.cluster_resources())
         write_run_files(run_dir, cfg, data)
         trainer = build_trainer(cfg, ray.put(data), cfg.storage_path, cfg.name,
                                 [make_metrics_callback(run_dir / "metrics.jsonl")])

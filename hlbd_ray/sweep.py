@@ -7,12 +7,11 @@ the trial id, so a restarted trial resumes its own checkpoints.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
 
@@ -25,10 +24,10 @@ from hlbd_ray.errors import UserError
 from hlbd_ray.lifecycle import (STALL_FLOOR_S, Interrupt, StallWatchdog, SweepInterrupted,
                                 resume_hint)
 from hlbd_ray.placement import PlacementGroupKeeper, describe, trial_tag
-from hlbd_ray.run import build_trainer, preflight, storage_join, user_error_in
 from hlbd_ray.summary import finish
 from hlbd_ray.search import (ARCH_KEY, LR_KEY, build_scheduler, build_searcher, decode_arch,
                              param_space)
+from hlbd_ray.trainer import build_trainer, preflight, runs_that_fit, storage_join, user_error_in
 
 # The per-trial driver actor only waits on its Train run; it gets a sliver of a CPU so
 # that trials never hold the CPUs their own workers need (the few-CPU deadlock).
@@ -52,18 +51,7 @@ def plan_resources(cfg: Config, cluster: dict[str, float]) -> TrialResources:
     if worker_cpu <= 0:
         raise UserError(f"train.cpus_per_worker={t.cpus_per_worker} is too small for a sweep "
                         f"(each trial's driver needs {DRIVER_CPU} CPU of it)")
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    per_trial_cpu = t.num_workers * t.cpus_per_worker
-    per_trial_gpu = t.num_workers * t.gpus_per_worker
-    fits = [math.floor(cpus / per_trial_cpu + 1e-9)]
-    if per_trial_gpu > 0:
-        fits.append(math.floor(gpus / per_trial_gpu + 1e-9))
-    capacity = min(fits)
-    if capacity < 1:
-        raise UserError(
-            f"one trial needs {per_trial_cpu:g} CPUs and {per_trial_gpu:g} GPUs "
-            f"(train.num_workers x cpus_per_worker / gpus_per_worker) but the cluster has "
-            f"{cpus:g} CPUs and {gpus:g} GPUs")
+    capacity = runs_that_fit(t, cluster, "one trial")
     wanted = s.max_concurrent_trials or capacity
     if wanted > capacity:
         print(f"note: sweep.max_concurrent_trials={wanted} lowered to {capacity}, "
@@ -130,6 +118,19 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
                       run_config=run_config)
 
 
+@dataclass
+class SweepHooks:
+    """What a caller adds to a sweep (bench/sweep.py times one this way): more Tune
+    callbacks, env vars and a setup function for every Ray worker process (it replaces
+    the default one, `quiet_expected_events`, so it should call that itself), and the
+    dashboard port of a local cluster (0: Ray's default)."""
+
+    callbacks: list[Any] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    worker_setup: str | Callable[[], None] = "hlbd_ray.console.quiet_expected_events"
+    dashboard_port: int = 0
+
+
 def run_sweep_job(cfg: Config) -> int:
     """Validate everything that can be checked without Ray, then run (or resume) the sweep.
 
@@ -155,14 +156,15 @@ def start_timeout_s(sweep: SweepConfig) -> float:
     return sweep.stall_timeout_s if sweep.stall_timeout_s > 0 else STALL_FLOOR_S
 
 
-def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt) -> int:
+def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
+              hooks: SweepHooks | None = None) -> int:
     import ray
 
     from hlbd_ray.report import ReportAggregator
 
-    s = cfg.sweep
-    start_ray(cfg.cluster, {START_TIMEOUT_ENV: f"{start_timeout_s(s):g}"},
-              setup_hook="hlbd_ray.console.quiet_expected_events")
+    s, hooks = cfg.sweep, hooks or SweepHooks()
+    start_ray(cfg.cluster, {START_TIMEOUT_ENV: f"{start_timeout_s(s):g}", **hooks.env},
+              setup_hook=hooks.worker_setup, dashboard_port=hooks.dashboard_port)
     interrupt.take_signals()
     try:
         require_state_api()
@@ -174,7 +176,7 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt) ->
         keeper = live.register("placements", PlacementGroupKeeper())
         watchdog = live.register("watchdog", StallWatchdog(interrupt, s.stall_timeout_s))
         callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
-                                      data.dataset_stats), status, keeper, watchdog]
+                                      data.dataset_stats), status, keeper, watchdog, *hooks.callbacks]
         tuner = build_tuner(cfg, ray.put(data), resources, callbacks)
         with interrupt.tune_fit():
             results = tuner.fit()

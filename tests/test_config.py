@@ -49,17 +49,20 @@ def test_each_shipped_config_prepares_its_data_and_builds_every_model_it_trains(
 
 
 def test_the_shipped_configs_fit_the_machines_they_are_written_for():
-    from hlbd_ray.run import check_fits
+    from hlbd_ray.trainer import runs_that_fit
     from hlbd_ray.sweep import plan_resources
 
     two_cpus = {"CPU": 2.0}
-    check_fits(load_config(CONF_DIR / "train.yaml").train, two_cpus)
+    assert runs_that_fit(load_config(CONF_DIR / "train.yaml").train, two_cpus) >= 1
     # The CPU sweeps run two one-CPU trials at once on two cores...
     for name in ("sweep.yaml", "smoke.yaml"):
         assert plan_resources(load_config(CONF_DIR / name), two_cpus).max_concurrent == 2
     # ...and the GPU sweep four trials on one GPU, a quarter each.
     gpu = load_config(CONF_DIR / "gpu.yaml")
     assert plan_resources(gpu, {"CPU": 16.0, "GPU": 1.0}).max_concurrent == 4
+    # One check serves the training job and the sweep: a run that can never be placed is refused.
+    with pytest.raises(UserError, match="one run needs 2 CPUs and 0.25 GPUs .* has 16 CPUs and 0 GPUs"):
+        runs_that_fit(gpu.train, {"CPU": 16.0})
 
 
 def test_the_smoke_config_stays_a_smoke_test():

@@ -9,7 +9,7 @@ import numpy as np
 from hlbd_ray import datagen
 from hlbd_ray.config import load_config
 from hlbd_ray.datareport import format_table
-from hlbd_ray.run import preflight
+from hlbd_ray.trainer import preflight
 
 from .conftest import REPO
 

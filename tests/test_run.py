@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hlbd_ray.config import load_config
-from hlbd_ray.run import storage_join
+from hlbd_ray.trainer import storage_join
 
 from .conftest import REPO, run_job
 
@@ -59,7 +59,7 @@ def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
 
 
 def test_preflight_resolves_max_len_and_paths_and_writes_the_data_report(tmp_path, capsys, hlbd_dir):
-    from hlbd_ray.run import preflight
+    from hlbd_ray.trainer import preflight
 
     cfg = load_config(SMOKE, [f"data.paths=[{hlbd_dir / 'HLBD_Full_V2.json'}]", "train.max_len=auto",
                               f"output_dir={tmp_path / 'out'}", "name=run1"])
@@ -75,7 +75,7 @@ def test_preflight_resolves_max_len_and_paths_and_writes_the_data_report(tmp_pat
 
 
 def test_preflight_trains_on_cut_answers_only_when_allowed(tmp_path, capsys, hlbd_dir):
-    from hlbd_ray.run import preflight
+    from hlbd_ray.trainer import preflight
 
     cfg = load_config(SMOKE, ["data.paths=[hlbd:full]", "train.max_len=150",
                               "train.allow_truncation=true", f"output_dir={tmp_path / 'out'}"])
