@@ -3,8 +3,8 @@
 The same deterministic stream of reports (trials x epochs x batches, ~20 batch losses per
 report, trials interleaved as Tune delivers them) is fed to
 
-- ours: `ReportAggregator` (bounded buckets, cached serialisation, atomic writes of the
-  parquet tables, the sweep JSON and one JSON per trial), and
+- ours: `ReportAggregator` (bounded buckets, each write serialised afresh, atomic writes
+  of the parquet tables, the sweep JSON and one JSON per trial), and
 - rebuild: the reference's approach: keep every batch loss ever seen and, on each write,
   rebuild each changed trial's `experiment_report.json` from all of them (epoch means,
   100 uniformly sampled points per epoch) and json-dump it in place.
@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 
 from hlbd_ray.config import ReportConfig
+from hlbd_ray.contract import Report
 from hlbd_ray.report import ReportAggregator
 
 from bench_output import print_json
@@ -105,19 +106,18 @@ def reports(losses: list[array], epochs: int, batches: int, per_report: int) -> 
             finite = [x for x in window if x is not None]
             epoch_end = end == (epoch + 1) * batches
             cursors[t] = end
-            yield t, {
-                "epoch": epoch, "epochs_done": epoch + int(epoch_end), "step": end // 2,
-                "batch": end, "batch_start": start, "batch_losses": window,
-                "epoch_batches": batches, "epoch_end": epoch_end,
-                "epoch_loss": sum(finite) / len(finite) if finite else None,
-                "loss": finite[-1] if finite else None, "ppl": None, "acc": 0.5,
-                "lr": 3e-4, "grad_norm": 1.0, "fw_ms": 10.0, "bw_ms": 20.0,
-                "tokens_per_s": 1500.0, "skipped_steps": 0,
-                "val_loss": 2.5 if epoch_end else None, "val_ppl": 12.2 if epoch_end else None,
-                "val_acc": 0.4, "val_exact": 0.1, "val_step": end // 2,
-                "d_model": 256, "num_heads": 8, "head_dim": 32, "stop_reason": "",
-                "training_iteration": end // per_report, "time_total_s": end * 1.0,
-            }
+            yield t, {**Report(
+                epoch=epoch, epochs_done=epoch + int(epoch_end), step=end // 2,
+                batches=end, batch_start=start, batch_losses=window,
+                epoch_batches=batches, epoch_end=epoch_end,
+                epoch_loss=sum(finite) / len(finite) if finite else None,
+                loss=finite[-1] if finite else None, ppl=None, acc=0.5,
+                lr=3e-4, grad_norm=1.0, fw_ms=10.0, bw_ms=20.0,
+                tokens_per_s=1500.0, skipped_steps=0,
+                val_loss=2.5 if epoch_end else None, val_ppl=12.2 if epoch_end else None,
+                val_acc=0.4, val_exact=0.1, val_step=end // 2,
+                d_model=256, num_heads=8, head_dim=32, precision="fp32", stop_reason="",
+            ).to_dict(), "training_iteration": end // per_report, "time_total_s": end * 1.0}
 
 
 class RebuildReference:
@@ -183,7 +183,7 @@ def _feed(agg: ReportAggregator, stream: Iterator[tuple[int, dict]], trials: lis
         if ticks is not None:
             ticks[0] += 1.0   # one tick per report: a write every `write_every` reports
         agg.on_trial_result(0, trials, trials[t], report)
-        if report["batch"] == total:
+        if report["batches"] == total:
             agg.on_trial_complete(0, trials, trials[t])
     agg.on_experiment_end(trials)
     assert agg.failed_writes == 0, "the aggregator failed to write during the benchmark"
@@ -196,7 +196,7 @@ def run_rebuild(stream: Iterator[tuple[int, dict]], trials: list[StandInTrial], 
     durations = _timed(ref, "write")
     for n, (t, report) in enumerate(stream, 1):
         ref.add(trials[t].trial_id, report)
-        if n % write_every == 0 or report["batch"] == total:
+        if n % write_every == 0 or report["batches"] == total:
             ref.write()
     ref.write()
     return durations

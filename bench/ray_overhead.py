@@ -68,7 +68,7 @@ def bench_config(args: argparse.Namespace, out: Path) -> Config:
         f"model.d_ff={4 * args.d_model}", "model.dropout=0.1",
         f"data.generated_per_module={per_module}", "train.max_len=96",
         f"train.batch_size={args.batch}", "train.grad_accum=1", "train.epochs=1",
-        f"train.max_steps={args.steps}", f"train.report_every={args.report_every}",
+        f"train.max_steps={args.steps}", f"train.report_every_steps={args.report_every}",
         "train.precision=fp32", f"train.cpus_per_worker={args.threads}", "train.max_failures=0",
         "train.progress_bar=false", f"output_dir={out}",
         "sweep.search=grid", "sweep.scheduler=fifo", "sweep.num_samples=1",
@@ -220,7 +220,7 @@ def batch_tokens(cfg: Config, data: PreparedData) -> list[int]:
 def measure(start: float, stamped: Stamped, end: float, tokens: list[int], skip: int) -> dict[str, float]:
     periodic = [(t, m) for t, m in stamped if not m.get("epoch_end")]
     first, last = periodic[min(skip, len(periodic) - 2)], periodic[-1]
-    window_tokens = sum(tokens[first[1]["batch"]:last[1]["batch"]])
+    window_tokens = sum(tokens[first[1]["batches"]:last[1]["batches"]])
     return {
         "startup_s": stamped[0][0] - start,
         "tokens_per_s": window_tokens / (last[0] - first[0]),

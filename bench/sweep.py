@@ -117,7 +117,7 @@ def bench_config(args: argparse.Namespace, out: Path) -> Config:
         f"model.d_model={args.d_model}", f"model.num_layers={args.layers}", f"model.d_ff={4 * args.d_model}",
         "model.dropout=0.1", f"data.generated_per_module={args.per_module}", "train.max_len=96",
         f"train.epochs={args.epochs}", "train.batch_size=16", "train.grad_accum=1",
-        "train.report_every=10", "train.precision=fp32", "train.cpus_per_worker=1",
+        "train.report_every_steps=10", "train.precision=fp32", "train.cpus_per_worker=1",
         "train.progress_bar=false", f"train.warmup_steps={2 if args.smoke else 10}", f"output_dir={out}",
         "sweep.name=bench", f"sweep.num_samples={args.trials}", f"sweep.scheduler={args.scheduler}",
         "sweep.search=random", f"sweep.space.d_model=[{args.d_model}]", "sweep.space.num_heads=[2,4,8]",

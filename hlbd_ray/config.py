@@ -130,7 +130,7 @@ class TrainConfig:
     allow_truncation: bool = False
     loss_on: LossOn = LossOn.answer
     # Report (and send batch losses) every N optimizer steps.
-    report_every: int = 10
+    report_every_steps: int = 10
     # Stop the run when this many optimizer steps in a row had non-finite gradients.
     max_consecutive_skips: int = 20
     # Stop after this many optimizer steps in total (0: no limit); for smoke runs.
@@ -361,7 +361,7 @@ def validate(cfg: Config, sweep: bool = False) -> None:
     check_model(m)
     _positive(**{"train.lr": t.lr, "train.epochs": t.epochs,
                  "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-                 "train.max_len_cap": t.max_len_cap, "train.report_every": t.report_every,
+                 "train.max_len_cap": t.max_len_cap, "train.report_every_steps": t.report_every_steps,
                  "train.num_workers": t.num_workers,
                  "train.restart_period_epochs": t.restart_period_epochs,
                  "data.max_vocab": d.max_vocab, "report.points_per_epoch": cfg.report.points_per_epoch,
@@ -377,8 +377,8 @@ def validate(cfg: Config, sweep: bool = False) -> None:
     _require(t.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}")
     _require(t.gpus_per_worker >= 0, f"train.gpus_per_worker must be >= 0, got {t.gpus_per_worker}")
     # batch_losses travel in every report; keep that list bounded.
-    _require(t.report_every * t.grad_accum <= 2000,
-             "train.report_every * train.grad_accum must be <= 2000 (bounded report size)")
+    _require(t.report_every_steps * t.grad_accum <= 2000,
+             "train.report_every_steps * train.grad_accum must be <= 2000 (bounded report size)")
     _require(bool(cfg.output_dir), "output_dir must not be empty")
     check_sweep(cfg.sweep)
     if sweep:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from hlbd_ray.contract import better
 from hlbd_ray.live import LiveCallback
 from hlbd_ray.search import ARCH_KEY, LR_KEY
 
@@ -111,10 +112,6 @@ class SweepStatus(LiveCallback):
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def better(value: float, than: float | None, mode: str) -> bool:
-    return than is None or (value < than if mode == "min" else value > than)
 
 
 def status_line(trials: list, best: dict[str, float], metric: str, mode: str,

@@ -29,9 +29,9 @@ INDEX_FILE = "index.html"
 TABLE = (("status", "status", "{}"), ("best_val_loss", "best val loss", "{:.4f}"),
          ("best_val_ppl", "best val ppl", "{:.2f}"), ("best_val_acc", "best val acc", "{:.4f}"),
          ("best_val_exact", "best val exact", "{:.3f}"), ("best_epoch", "best epoch", "{}"),
-         ("epochs", "epochs", "{}"), ("num_heads", "heads", "{}"), ("d_model", "d_model", "{}"),
+         ("epochs_done", "epochs", "{}"), ("num_heads", "heads", "{}"), ("d_model", "d_model", "{}"),
          ("lr", "lr", "{:.2e}"), ("last_loss", "last loss", "{:.4f}"),
-         ("time_total_s", "time s", "{:.0f}"))
+         ("last_time_total_s", "time s", "{:.0f}"))
 
 
 def find_report_dir(folder: str | Path) -> Path:
@@ -100,7 +100,7 @@ def _group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 # ---- figures ----
 def _xy(buckets: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     """Bucket midpoints (global batch index) against a field; empty buckets leave a gap."""
-    xs = [(b["step_first"] + b["step_last"]) / 2 for b in buckets]
+    xs = [(b["micro_batch_first"] + b["micro_batch_last"]) / 2 for b in buckets]
     ys = [b[key] if b[key] is not None else math.nan for b in buckets]
     return xs, ys
 
@@ -115,7 +115,7 @@ def _trial_loss(tid: str, buckets: list[dict[str, Any]]) -> Figure:
     ax.plot(xs, mean, linewidth=1.2, label="mean per bucket")
     for b in buckets:
         if b["bucket"] == 0 and b["epoch"] > 0:
-            ax.axvline(b["step_first"], color="0.8", linewidth=0.6, zorder=0)
+            ax.axvline(b["micro_batch_first"], color="0.8", linewidth=0.6, zorder=0)
     skipped = sum(b["nonfinite"] for b in buckets)
     title = f"{tid}: train loss per micro-batch bucket"
     ax.set_title(title + (f" ({skipped} non-finite skipped)" if skipped else ""), fontsize=10)

@@ -10,10 +10,11 @@ bounded curves (`hlbd_ray.curves`) and writes them under `<experiment_dir>/repor
   tools users already point at that file keep working.
 
 Writes happen at most every `every_s` seconds (checked when a result arrives) and at
-every trial end and experiment end. Each file is replaced atomically, a failed write is
-logged with its path and retried at the next interval (its target stays pending), and
-an epoch that has not changed is serialised once and reused from a cache, so a write
-costs a join of cached text plus the open epochs, not a rebuild of the sweep.
+every trial end and experiment end; that throttle is what keeps the driver cheap
+(BENCHMARKS.md): each write serialises the files afresh from the bounded curves. Each file
+is replaced atomically, and a failed write is logged with its path and retried at the next
+interval (its target stays pending). The JSON documents are built from the same rows as
+the parquet tables.
 
 A restarted driver (Tuner.restore) gets its curves back from Tune's callback state
 (`get_state/set_state`) and from the parquet files, whichever holds more of a trial;
@@ -34,12 +35,11 @@ import pyarrow as pa
 from ray.tune import Callback
 
 from hlbd_ray.curves import CurveStore, TrialCurves
-from hlbd_ray.tables import (CURVES_FILE, EPOCHS_FILE, EPOCHS_SCHEMA, JSON_FILE, REPORT_DIR,
-                             SCHEMA_VERSION, STRING, TRIALS_FILE, TRIALS_SCHEMA, EpochPart,
-                             TrialInfo, best_metrics, column_type, concat_curves, curve_table,
-                             dumps, flatten_config, info_from_row, json_array,
-                             json_array_of_pieces, json_object_pieces, read_rows, safe_name,
-                             jsonable, trial_row, write_parquet, write_pieces)
+from hlbd_ray.tables import (CURVES_FILE, CURVES_SCHEMA, EPOCHS_FILE, EPOCHS_SCHEMA, JSON_FILE,
+                             REPORT_DIR, SCHEMA_VERSION, STRING, TRIALS_FILE, TRIALS_SCHEMA,
+                             TrialInfo, best_metrics, column_type, curve_columns, curves_table, epoch_rows,
+                             flatten_config, info_from_row, jsonable, read_rows, safe_name,
+                             trials_table_row, write_json, write_parquet)
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ class ReportAggregator(Callback):
         self._last_write = -float("inf")   # the first result is written at once
         self._restored = False
         self._replayed: set[str] = set()   # trials rebuilt from Tune's log after a restore
-        # Serialised epochs by (trial_id, epoch) and per-trial summary text: a write
-        # re-serialises only what changed since the previous one.
-        self._cache: dict[tuple[str, int], EpochPart] = {}
-        self._summary_cache: dict[str, tuple[int, str, dict[str, Any]]] = {}
         if resume:
             self.load_files()
 
@@ -149,7 +145,7 @@ class ReportAggregator(Callback):
             return
         self.store = CurveStore.from_state(state["store"])
         self.trials = {tid: TrialInfo(**d) for tid, d in state["trials"].items()}
-        self._rebuild_all()
+        self._mark_all()
 
     # ---- ingest ----
     def add_result(self, trial: Any, result: Mapping[str, Any]) -> None:
@@ -186,12 +182,6 @@ class ReportAggregator(Callback):
         self._pending.update(_TARGETS)
         self._pending.update(f"trial:{tid}" for tid in self.trials)
 
-    def _rebuild_all(self) -> None:
-        """The store was replaced wholesale: drop every cached serialisation, rewrite all."""
-        self._cache.clear()
-        self._summary_cache.clear()
-        self._mark_all()
-
     # ---- writing ----
     def flush(self) -> bool:
         """Write every pending file now; False if any write failed (it stays pending)."""
@@ -223,78 +213,32 @@ class ReportAggregator(Callback):
 
     def _jobs(self) -> list[tuple[str, Path, Callable[[Path], Any]]]:
         """(target, path, writer) for every file, in write order; writers are lazy so a
-        target that is not pending costs nothing."""
+        target that is not pending costs nothing but the rows."""
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        parts = self._epoch_parts()
-        rows = {tid: self._trial_row(tid) for tid in sorted(self.trials)}
+        curves, epochs = curve_columns(self.store), epoch_rows(self.store)
+        trials = {tid: trials_table_row(self.trials[tid], self._best(tid)) for tid in sorted(self.trials)}
         jobs: list[tuple[str, Path, Callable[[Path], Any]]] = [
-            ("curves", self.report_dir / CURVES_FILE, lambda p: write_parquet(
-                p, concat_curves([part.table for tid in parts for part in parts[tid]]))),
+            ("curves", self.report_dir / CURVES_FILE,
+             lambda p: write_parquet(p, curves_table(curves))),
             ("epochs", self.report_dir / EPOCHS_FILE,
-             lambda p: write_parquet(p, self.epochs_table())),
+             lambda p: write_parquet(p, pa.Table.from_pylist(epochs, schema=EPOCHS_SCHEMA))),
             ("trials", self.report_dir / TRIALS_FILE,
-             lambda p: write_parquet(p, self.trials_table(rows))),
+             lambda p: write_parquet(p, self.trials_table(trials))),
         ]
-        for tid in rows:
+        for tid in trials:
             jobs.append((f"trial:{tid}", self.report_dir / "trials" / safe_name(tid) / JSON_FILE,
-                         lambda p, tid=tid: write_pieces(
-                             p, self._trial_json(tid, rows[tid], parts.get(tid, []), stamp))))
+                         lambda p, tid=tid: write_json(p, self._trial_json(tid, trials[tid], stamp))))
         jobs.append(("sweep", self.report_dir / JSON_FILE,
-                     lambda p: write_pieces(p, self._sweep_json(rows, parts, stamp))))
+                     lambda p: write_json(p, self._sweep_json(trials, epochs, curves, stamp))))
         return jobs
 
-    def _epoch_parts(self) -> dict[str, list["EpochPart"]]:
-        """Every trial's epochs serialised, in order; only changed epochs are rebuilt."""
-        parts: dict[str, list[EpochPart]] = {}
-        cache: dict[tuple[str, int], EpochPart] = {}
-        fresh: list[EpochPart] = []
-        for tid in sorted(self.store.trials):
-            mine = parts[tid] = []
-            for curve in self.store.trials[tid].sorted_epochs():
-                part = self._cache.get((tid, curve.epoch))
-                if part is None or part.rev != curve.rev:
-                    part = EpochPart(tid, curve)
-                    fresh.append(part)
-                elif part.cols is not None:
-                    # Unchanged since the last write, so likely closed: give it a table of
-                    # its own, which frees the shared one it was sliced from.
-                    part.table, part.cols = curve_table([part.cols]), None
-                mine.append(part)
-                cache[(tid, curve.epoch)] = part
-        if fresh:
-            # One Arrow conversion for all changed epochs: per-call overhead dominates
-            # at ~100 rows an epoch.
-            table, offset = curve_table([p.cols for p in fresh]), 0
-            for p in fresh:
-                p.table, offset = table.slice(offset, p.rows), offset + p.rows
-        self._cache = cache   # epochs dropped by a replay leave the cache here
-        return parts
-
-    def _summaries(self, tid: str) -> tuple[str, dict[str, Any]]:
-        """The trial's per-epoch summaries as JSON text and its best metrics, cached until
-        the summaries change (once an epoch)."""
+    def _best(self, tid: str) -> dict[str, Any]:
         curves = self.store.trials.get(tid)
-        if curves is None:
-            return "[]", {}
-        hit = self._summary_cache.get(tid)
-        if hit is None or hit[0] != curves.summary_rev:
-            text = dumps([{"epoch": e, **s} for e, s in sorted(curves.summaries.items())])
-            hit = self._summary_cache[tid] = (curves.summary_rev, text,
-                                              best_metrics(curves.summaries))
-        return hit[1], hit[2]
-
-    def _trial_row(self, tid: str) -> dict[str, Any]:
-        return trial_row(self.trials[tid], self._summaries(tid)[1])
-
-    def epochs_table(self) -> pa.Table:
-        rows = [{"trial_id": tid, "epoch": e, **s}
-                for tid in sorted(self.store.trials)
-                for e, s in sorted(self.store.trials[tid].summaries.items())]
-        return pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA)
+        return best_metrics(curves.summaries) if curves else {}
 
     def trials_table(self, rows: Mapping[str, dict[str, Any]] | None = None) -> pa.Table:
         if rows is None:
-            rows = {tid: self._trial_row(tid) for tid in sorted(self.trials)}
+            rows = {tid: trials_table_row(self.trials[tid], self._best(tid)) for tid in sorted(self.trials)}
         out = [dict(r) for r in rows.values()]
         schema = TRIALS_SCHEMA
         for key in sorted({k for tid in rows for k in self.trials[tid].config}):
@@ -305,17 +249,18 @@ class ReportAggregator(Callback):
                 row[f"config.{key}"] = value if kind != STRING or value is None else str(value)
         return pa.Table.from_pylist(out, schema=schema)
 
-    def _trial_json(self, tid: str, row: Mapping[str, Any], mine: list["EpochPart"],
-                    stamp: str) -> list[str]:
-        """One trial's JSON with the HLBD playground report's keys, plus bucket bounds and validation."""
+    def _trial_json(self, tid: str, row: Mapping[str, Any], stamp: str) -> dict[str, Any]:
+        """One trial's JSON with the HLBD playground report's keys (`control_losses`,
+        `batch_losses`, ...), plus bucket bounds and validation."""
         info, curves = self.trials[tid], self.store.trials.get(tid)
         summaries = curves.summaries if curves else {}
+        buckets = [(c.epoch, b) for c in (curves.sorted_epochs() if curves else []) for b in c.buckets]
         last = info.last
-        head = {
+        return {
             "schema_version": SCHEMA_VERSION, "trial_id": tid, "timestamp": stamp,
             "status": info.status, "error": info.error, "config": info.config,
             "current_epoch": last.get("epoch", 0),
-            "total_batches": last["batch"] if "batch" in last else
+            "total_batches": last["batches"] if "batches" in last else
             (curves.accepted() if curves else 0),
             "dataset_stats": self.dataset_stats,
             # Position = epoch; None where an epoch has no summary (yet).
@@ -323,28 +268,34 @@ class ReportAggregator(Callback):
                                for e in range(max(summaries, default=-1) + 1)],
             "best": {k[5:]: v for k, v in row.items() if k.startswith("best_")},
             "last": last, "points_per_epoch": self.store.points,
+            "epochs": [{"epoch": e, **s} for e, s in sorted(summaries.items())],
+            # One entry per bucket: its mean, min and max loss, the global index of its
+            # last micro-batch (not an optimizer step) and its epoch.
+            "batch_losses": [b.mean for _, b in buckets],
+            "batch_losses_min": [b.min for _, b in buckets],
+            "batch_losses_max": [b.max for _, b in buckets],
+            "micro_batches": [b.micro_batch_last for _, b in buckets],
+            "batch_epochs": [e for e, _ in buckets],
         }
-        raw: dict[str, list[str]] = {"epochs": [self._summaries(tid)[0]]}
-        for name, field in (("batch_losses", "mean"), ("batch_losses_min", "min"),
-                            ("batch_losses_max", "max"), ("batch_steps", "step_last"),
-                            ("batch_epochs", "epoch")):
-            raw[name] = json_array([p.bodies[field] for p in mine if p.rows])
-        return json_object_pieces(head, raw) + ["\n"]
 
-    def _sweep_json(self, rows: Mapping[str, dict[str, Any]], parts: Mapping[str, list],
-                    stamp: str) -> list[str]:
-        trials: list[list[str]] = []
-        for tid, row in rows.items():
-            head = {"trial_id": tid, "status": row["status"], "error": row["error"],
-                    "config": self.trials[tid].config,
-                    "summary": {k: v for k, v in row.items()
-                                if k not in ("trial_id", "status", "error", "config_json")}}
-            trials.append(json_object_pieces(head, {
-                "epochs": [self._summaries(tid)[0]],
-                "curves": json_array_of_pieces([p.json for p in parts.get(tid, [])])}))
-        head = {"schema_version": SCHEMA_VERSION, "timestamp": stamp,
-                "points_per_epoch": self.store.points, "dataset_stats": self.dataset_stats}
-        return json_object_pieces(head, {"trials": json_array_of_pieces(trials)}) + ["\n"]
+    def _sweep_json(self, trials: Mapping[str, dict[str, Any]], epochs: list[dict[str, Any]],
+                    curves: Mapping[str, Mapping[str, list]], stamp: str) -> dict[str, Any]:
+        """The whole sweep: per trial its trials.parquet row, its epochs.parquet rows and its
+        curves.parquet rows as columns (all without the trial id)."""
+        epochs_of: dict[str, list[dict[str, Any]]] = {}
+        for r in epochs:
+            epochs_of.setdefault(r["trial_id"], []).append({k: v for k, v in r.items() if k != "trial_id"})
+        no_curves = {n: [] for n in CURVES_SCHEMA.names[1:]}
+        docs = [{"trial_id": tid, "status": row["status"], "error": row["error"],
+                 "config": self.trials[tid].config,
+                 "summary": {k: v for k, v in row.items()
+                             if k not in ("trial_id", "status", "error", "config_json")},
+                 "epochs": epochs_of.get(tid, []),
+                 "curves": {k: v for k, v in curves.get(tid, no_curves).items() if k != "trial_id"}}
+                for tid, row in trials.items()]
+        return {"schema_version": SCHEMA_VERSION, "timestamp": stamp,
+                "points_per_epoch": self.store.points, "dataset_stats": self.dataset_stats,
+                "trials": docs}
 
     # ---- restore from files ----
     def load_files(self) -> int:
@@ -368,7 +319,7 @@ class ReportAggregator(Callback):
                 self.trials[row["trial_id"]] = info_from_row(row)
         for tid in self.store.trials:
             self.trials.setdefault(tid, TrialInfo(tid))
-        self._rebuild_all()
+        self._mark_all()
         return adopted
 
 

@@ -66,11 +66,14 @@ def run_training_job(cfg: Config) -> int:
         ray.shutdown()
 
 
+# The run summary's lines: keys of the report contract (hlbd_ray.contract).
+SUMMARY_KEYS = ("epochs_done", "step", "loss", "ppl", "acc", "val_loss", "val_ppl", "val_acc",
+                "val_exact", "skipped_steps", "tokens_per_s")
+
+
 def print_summary(metrics: dict[str, Any], checkpoint: Any, run_dir: Path) -> None:
-    keys = ["epochs_done", "step", "loss", "ppl", "acc", "val_loss", "val_ppl", "val_acc",
-            "val_exact", "skipped_steps", "tokens_per_s"]
     print("\nrun summary")
-    for key in keys:
+    for key in SUMMARY_KEYS:
         value = metrics.get(key)
         shown = "n/a" if value is None else (f"{value:.4g}" if isinstance(value, float) else value)
         print(f"  {key:<14} {shown}")

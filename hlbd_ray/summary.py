@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hlbd_ray.config import Config, to_yaml
+from hlbd_ray.contract import best_index
 from hlbd_ray.console import BUDGET, COMPLETED, ERRORED, INTERRUPTED, NOT_RUN, STOPPED
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK
 from hlbd_ray.files import atomic_write_json, atomic_write_text
@@ -21,9 +22,10 @@ OUTCOME_WORDS = {COMPLETED: "completed", STOPPED: "stopped early by {scheduler}"
                  INTERRUPTED: "interrupted", NOT_RUN: "never started"}
 
 
-def trial_rows(results: Any, metric: str, mode: str,
-               outcome: Callable[[str, bool], str] | None = None) -> list[dict[str, Any]]:
-    """One summary row per trial, from Tune's own results (independent of our reports).
+def final_table_rows(results: Any, metric: str, mode: str,
+                     outcome: Callable[[str, bool], str] | None = None) -> list[dict[str, Any]]:
+    """The final console table's rows, one per trial, from Tune's own results
+    (independent of our report files).
 
     `outcome(trial_id, errored)` names how the trial ended (see `console.SweepStatus`)."""
     rows = []
@@ -42,9 +44,10 @@ def trial_rows(results: Any, metric: str, mode: str,
         }
         if result.error:
             row["note"] = str(result.error).strip().splitlines()[-1][:200]
-        if history is not None and metric in history and history[metric].notna().any():
-            column = history[metric]
-            best = history.loc[column.idxmin() if mode == "min" else column.idxmax()]
+        best_at = best_index(history[metric].tolist(), mode) \
+            if history is not None and metric in history else None
+        if best_at is not None:
+            best = history.iloc[best_at]
             row.update(best_metric=finite_or_none(best[metric]),
                        best_val_loss=finite_or_none(best.get("val_loss")),
                        best_val_ppl=finite_or_none(best.get("val_ppl")),
@@ -86,7 +89,7 @@ def finish(cfg: Config, results: Any, exp_dir: Path, outcome: Callable[[str, boo
     Exit code: `stop_code` for a sweep stopped early (signal, stall), else 1 when every
     trial failed, else 0."""
     s = cfg.sweep
-    rows = trial_rows(results, s.metric, s.mode, outcome)
+    rows = final_table_rows(results, s.metric, s.mode, outcome)
     print_table(rows)
     counts = outcome_counts(rows)
     print("\n" + outcome_line(counts, s.scheduler))
@@ -108,11 +111,10 @@ def save_best(cfg: Config, rows: list[dict[str, Any]], exp_dir: Path, qualifier:
     from hlbd_ray.sweep import trial_config
 
     s = cfg.sweep
-    scored = [r for r in rows if r["best_metric"] is not None]
-    if not scored:
+    at = best_index([r["best_metric"] for r in rows], s.mode)
+    if at is None:
         return None
-    pick = min if s.mode == "min" else max
-    best = pick(scored, key=lambda r: r["best_metric"])
+    best = rows[at]
     best_cfg = trial_config(cfg, {ARCH_KEY: best["arch"], LR_KEY: best["lr"]})
     atomic_write_text(exp_dir / "best_config.yaml", to_yaml(best_cfg))
     atomic_write_json(exp_dir / "best.json", {k: best[k] for k in (

@@ -1,7 +1,7 @@
 """The APT training function: what every Ray Train worker runs.
 
 One run = build (model, optimizer, schedule), maybe resume, then per epoch: train in
-accumulation groups, report every `report_every` optimizer steps, validate, checkpoint.
+accumulation groups, report every `report_every_steps` optimizer steps, validate, checkpoint.
 The loop reads top to bottom in `TrainRun.fit`; each side concern is one method.
 """
 
@@ -20,6 +20,7 @@ import torch
 
 from hlbd_ray.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from hlbd_ray.config import Config, from_dict, to_dict
+from hlbd_ray.contract import Report
 from hlbd_ray.data import IGNORE_INDEX, Batch, PreparedData, iter_batches, num_batches
 from hlbd_ray.faults import FaultInjector
 from hlbd_ray.metrics import (TokenCounts, Window, all_reduce_sums, count_tokens, exact_sequences,
@@ -50,14 +51,14 @@ def train_locally(cfg: Config, data: PreparedData, run_dir: str | Path,
     return session
 
 
-# --- the run's progress: everything a checkpoint must carry besides tensors -------------
+# --- the run's state: everything a checkpoint must carry besides tensors ----------------
 
 
 @dataclass
-class Progress:
+class RunState:
     epoch: int = 0              # next epoch to train (0-based)
     step: int = 0               # optimizer steps done
-    batch: int = 0              # micro-batches done (global index of the next one)
+    batches: int = 0            # micro-batches done (global index of the next one)
     skipped_steps: int = 0      # steps skipped for non-finite gradients
     consecutive_skips: int = 0
     val: dict[str, Any] = field(default_factory=lambda: {
@@ -89,7 +90,7 @@ class TrainRun:
         self.steps_per_epoch, self.total_steps = run_length(self.t, data.train, self.world)
         self.scheduler = build_lr_schedule(self.optimizer, self.t, self.steps_per_epoch, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.progress = Progress()
+        self.state = RunState()
         self.session.restore(self._load)
         # The LR the last optimizer step used (what reports show); the scheduler holds the next one's.
         self.step_lr = float(self.optimizer.param_groups[0]["lr"])
@@ -105,9 +106,9 @@ class TrainRun:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def fit(self) -> Progress:
-        """Train the remaining epochs; returns the final progress (also in the last report)."""
-        p = self.progress
+    def fit(self) -> RunState:
+        """Train the remaining epochs; returns the final state (also in the last report)."""
+        p = self.state
         trained = False
         while p.epoch < self.t.epochs and not self._finished():
             self.train_epoch()
@@ -116,35 +117,35 @@ class TrainRun:
         if not trained and p.last_metrics:
             # Resumed from a run that had already finished (its driver died after the last
             # checkpoint): repeat the final metrics so the caller still sees a result.
-            self.session.report({**p.last_metrics, "batch_start": p.batch, "batch_losses": []})
+            self.session.report({**p.last_metrics, "batch_start": p.batches, "batch_losses": []})
         return p
 
     def _finished(self) -> bool:
-        p = self.progress
+        p = self.state
         return bool(p.stop_reason) or (self.t.max_steps > 0 and p.step >= self.t.max_steps)
 
     def train_epoch(self) -> None:
         self.model.train()
         self.epoch_counts = TokenCounts()
         batches = iter_batches(self.data.train, self.t.batch_size, seed=self.t.seed,
-                               epoch=self.progress.epoch, shuffle=True, rank=self.rank,
+                               epoch=self.state.epoch, shuffle=True, rank=self.rank,
                                world_size=self.world, loss_on=self.t.loss_on)
-        bar = EpochBar(self.rank == 0 and self.t.progress_bar, self.progress.epoch,
+        bar = EpochBar(self.rank == 0 and self.t.progress_bar, self.state.epoch,
                        self.t.epochs, self.epoch_batches)
         with bar:
             for group in self._groups(batches):
-                self.faults.before_step(self.progress.step, self.rank)
+                self.faults.before_step(self.state.step, self.rank)
                 self.accumulate(group)
                 self.optimizer_step()
                 bar.update(len(group), self.window, self.step_lr)
                 if self._finished():
                     break
                 # The epoch's last step is reported by end_epoch, with validation.
-                if self.progress.step % self.t.report_every == 0 and not self._epoch_done():
+                if self.state.step % self.t.report_every_steps == 0 and not self._epoch_done():
                     self.report()
 
     def _epoch_done(self) -> bool:
-        return self.progress.batch >= (self.progress.epoch + 1) * self.epoch_batches
+        return self.state.batches >= (self.state.epoch + 1) * self.epoch_batches
 
     def _groups(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
         """Accumulation groups of grad_accum micro-batches; the last, shorter group is kept."""
@@ -182,7 +183,7 @@ class TrainRun:
                 start = time.perf_counter()
                 with self._autocast():
                     logits = self.ddp_model(b.inputs)
-                loss_sum = self.faults.loss(token_loss_sum(logits, b.labels), self.progress.step)
+                loss_sum = self.faults.loss(token_loss_sum(logits, b.labels), self.state.step)
                 self._sync()
                 mid = time.perf_counter()
                 self.scaler.scale(loss_sum * (self.world / group_tokens)).backward()
@@ -192,11 +193,11 @@ class TrainRun:
             real_tokens = int((b.inputs != self.tokenizer.pad_id).sum())
             self.window.add_batch(counts, real_tokens, (mid - start) * 1e3, (end - mid) * 1e3)
             self.epoch_counts.add(counts)
-        self.progress.batch += len(group)
+        self.state.batches += len(group)
 
     def optimizer_step(self) -> None:
         """Clip and step; a non-finite gradient skips the update and is counted, never hidden."""
-        p = self.progress
+        p = self.state
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                               self.t.grad_clip if self.t.grad_clip > 0 else float("inf"))
@@ -237,11 +238,11 @@ class TrainRun:
         total = TokenCounts(loss_sum, int(correct), int(tokens))
         self.model.train()
         return {"val_loss": total.loss, "val_ppl": perplexity(total.loss), "val_acc": total.acc,
-                "val_exact": exact / answered if answered else None, "val_step": self.progress.step}
+                "val_exact": exact / answered if answered else None, "val_step": self.state.step}
 
     def end_epoch(self) -> None:
         """Validate, record the epoch, checkpoint and report (the report carries the checkpoint)."""
-        p = self.progress
+        p = self.state
         p.val = self.evaluate()
         p.history.append({"epoch": p.epoch, "epoch_loss": self._epoch_loss(), "step": p.step, **p.val})
         p.epoch += 1
@@ -265,34 +266,34 @@ class TrainRun:
         return finite_or_none(loss_sum / tokens) if tokens else None
 
     def _window_metrics(self, epoch_end: bool) -> dict[str, Any]:
-        """The window's metrics (same keys every time, plain Python values)."""
-        w, p = self.window.reduced(), self.progress
+        """The window's report (the contract's keys, plain Python values)."""
+        w, p = self.window.reduced(), self.state
         elapsed = time.perf_counter() - self.window_start
         n = max(w.batches, 1)
-        return {
-            "epoch": p.epoch - 1 if epoch_end else p.epoch,
-            "epochs_done": p.epoch, "step": p.step, "batch": p.batch,
-            "batch_start": p.batch - w.batches, "batch_losses": w.batch_losses(),
-            "epoch_batches": self.epoch_batches, "epoch_end": epoch_end,
+        return Report(
+            epoch=p.epoch - 1 if epoch_end else p.epoch,
+            epochs_done=p.epoch, step=p.step, batches=p.batches,
+            batch_start=p.batches - w.batches, batch_losses=w.batch_losses(),
+            epoch_batches=self.epoch_batches, epoch_end=epoch_end,
             # At the epoch's end, end_epoch has just reduced it into the history.
-            "epoch_loss": p.history[-1]["epoch_loss"] if epoch_end else self._epoch_loss(),
-            "loss": w.counts.loss, "ppl": perplexity(w.counts.loss), "acc": w.counts.acc,
-            "lr": self.step_lr,
-            "grad_norm": finite_or_none(sum(w.grad_norms) / len(w.grad_norms)) if w.grad_norms else None,
-            "fw_ms": w.fw_ms / n, "bw_ms": w.bw_ms / n,
-            "tokens_per_s": w.input_tokens / elapsed if elapsed > 0 else 0.0,
-            "skipped_steps": p.skipped_steps, **p.val,
-            "d_model": self.spec.d_model, "num_heads": self.spec.num_heads,
-            "head_dim": self.spec.d_model // self.spec.num_heads,
-            "precision": self.precision, "stop_reason": p.stop_reason,
-        }
+            epoch_loss=p.history[-1]["epoch_loss"] if epoch_end else self._epoch_loss(),
+            loss=w.counts.loss, ppl=perplexity(w.counts.loss), acc=w.counts.acc,
+            lr=self.step_lr,
+            grad_norm=finite_or_none(sum(w.grad_norms) / len(w.grad_norms)) if w.grad_norms else None,
+            fw_ms=w.fw_ms / n, bw_ms=w.bw_ms / n,
+            tokens_per_s=w.input_tokens / elapsed if elapsed > 0 else 0.0,
+            skipped_steps=p.skipped_steps, **p.val,
+            d_model=self.spec.d_model, num_heads=self.spec.num_heads,
+            head_dim=self.spec.d_model // self.spec.num_heads,
+            precision=self.precision, stop_reason=p.stop_reason,
+        ).to_dict()
 
     # --- checkpoint state ---------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "progress": asdict(self.progress), "tokenizer": self.data.tokenizer, "config": to_dict(self.cfg)}
+                "progress": asdict(self.state), "tokenizer": self.data.tokenizer, "config": to_dict(self.cfg)}
 
     def _load(self, folder: Path) -> None:
         state, rng = load_checkpoint(folder, self.rank)
@@ -306,7 +307,7 @@ class TrainRun:
         self.optimizer.load_state_dict(state["optimizer"])
         restore_lr_schedule(self.scheduler, state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(**state["progress"])
+        self.state = RunState(**state["progress"])
         if rng is not None:
             restore_rng(rng)
 

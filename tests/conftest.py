@@ -28,7 +28,7 @@ os.environ.update(RAY_TEST_ENV)
 
 MICRO = ["model.d_model=32", "model.num_heads=4", "model.num_layers=2", "model.d_ff=64",
          "model.dropout=0.1", "data.generated_per_module=24", "train.max_len=96",
-         "train.batch_size=8", "train.grad_accum=2", "train.report_every=2",
+         "train.batch_size=8", "train.grad_accum=2", "train.report_every_steps=2",
          "train.warmup_steps=2", "train.precision=fp32",
          "train.progress_bar=false"]
 

@@ -42,7 +42,7 @@ def assert_curves_complete(curves: list[dict], trial_id: str, epochs: int, epoch
     assert {r["epoch"] for r in rows} == set(range(epochs))
     for epoch in range(epochs):
         buckets = [r for r in rows if r["epoch"] == epoch]
-        covered = [i for b in buckets for i in range(b["step_first"], b["step_last"] + 1)]
+        covered = [i for b in buckets for i in range(b["micro_batch_first"], b["micro_batch_last"] + 1)]
         assert covered == list(range(epoch * epoch_batches, (epoch + 1) * epoch_batches))
         assert sum(b["count"] for b in buckets) == epoch_batches
 
@@ -53,7 +53,7 @@ def test_a_failed_worker_resumes_from_its_checkpoint_and_loses_nothing(tmp_path,
     result, trials, curves = sweep(tmp_path, fault)
     assert result.returncode == 0, result.stderr[-3000:]
     for trial_id, trial in trials.items():
-        assert trial["status"] == "TERMINATED" and trial["epochs"] == 3
+        assert trial["status"] == "TERMINATED" and trial["epochs_done"] == 3
         # Step numbering continues after the retry: 3 epochs of 12 batches, one step each.
         assert trial["step"] == 36 and trial["batches"] == 36
         assert_curves_complete(curves, trial_id, epochs=3, epoch_batches=12)
@@ -68,7 +68,7 @@ def test_a_trial_failing_every_retry_errors_alone_and_the_sweep_succeeds(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     by_heads = {t["num_heads"]: t for t in trials.values()}
     assert by_heads[2]["status"] == "ERROR" and "injected fault" in by_heads[2]["error"]
-    assert by_heads[4]["status"] == "TERMINATED" and by_heads[4]["epochs"] == 3
+    assert by_heads[4]["status"] == "TERMINATED" and by_heads[4]["epochs_done"] == 3
     assert "ERROR" in result.stdout and "injected fault" in result.stdout
     # The real error reaches the console as the trial's own line, with its traceback's file.
     assert any("errored: " in line and "injected fault" in line for line in result.stdout.splitlines())
@@ -89,8 +89,8 @@ def test_non_finite_losses_stop_the_trial_with_a_reason_not_a_nan(tmp_path):
     by_heads = {t["num_heads"]: t for t in trials.values()}
     poisoned = by_heads[2]
     assert poisoned["status"] == "TERMINATED" and "non-finite" in poisoned["stop_reason"]
-    assert poisoned["skipped_steps"] == 3 and poisoned["epochs"] == 2
-    assert by_heads[4]["epochs"] == 3 and by_heads[4]["stop_reason"] is None
+    assert poisoned["skipped_steps"] == 3 and poisoned["epochs_done"] == 2
+    assert by_heads[4]["epochs_done"] == 3 and by_heads[4]["stop_reason"] is None
     nan_rows = [r for r in curves if r["trial_id"] == poisoned["trial_id"] and r["nonfinite"]]
     assert sum(r["nonfinite"] for r in nan_rows) == 3
     for row in nan_rows:                       # counted as missing, never averaged as NaN
@@ -147,7 +147,7 @@ def test_a_killed_driver_resumes_and_report_files_are_whole_at_every_moment(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert errors == [] and seen["parquet"] > 20 and seen["json"] > 20
     trials = pq.read_table(report / "trials.parquet").to_pylist()
-    assert len(trials) == 3 and all(t["status"] == "TERMINATED" and t["epochs"] == 4 for t in trials)
+    assert len(trials) == 3 and all(t["status"] == "TERMINATED" and t["epochs_done"] == 4 for t in trials)
     curves = pq.read_table(report / "curves.parquet").to_pylist()
     for trial in trials:
         assert_curves_complete(curves, trial["trial_id"], epochs=4, epoch_batches=12)
@@ -222,7 +222,7 @@ def test_a_worker_killed_from_outside_mid_epoch_is_replaced_and_nothing_is_lost(
     assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]
     assert not [pid for pid in victims if Path(f"/proc/{pid}").exists()]   # really killed
     (trial,) = pq.read_table(exp / "report/trials.parquet").to_pylist()
-    assert trial["status"] == "TERMINATED" and trial["epochs"] == 4
+    assert trial["status"] == "TERMINATED" and trial["epochs_done"] == 4
     epoch_batches = trial["batches"] // 4
     assert trial["step"] == trial["batches"]            # numbering continued, no restart at 0
     curves = pq.read_table(exp / "report/curves.parquet").to_pylist()

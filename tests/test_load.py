@@ -17,7 +17,7 @@ def test_thirty_two_short_trials_complete_and_every_one_is_reported(tmp_path):
     report = tmp_path / "smoke" / "report"
     trials = pq.read_table(report / "trials.parquet").to_pylist()
     assert len(trials) == 32
-    assert all(t["status"] == "TERMINATED" and t["epochs"] == 2 for t in trials)
+    assert all(t["status"] == "TERMINATED" and t["epochs_done"] == 2 for t in trials)
     epochs = pq.read_table(report / "epochs.parquet").to_pylist()
     assert len(epochs) == 64
     curves = pq.read_table(report / "curves.parquet")

@@ -33,7 +33,7 @@ def test_cosine_reaches_min_lr_exactly_at_the_runs_last_step_and_never_rises(tmp
     run, used = lrs_of_a_real_run(tmp_path, micro_data, "train.warmup_steps=3", *overrides)
     t = run.t
     # The plan's length is the number of steps the loop really took.
-    assert len(used) == run.total_steps == run.progress.step
+    assert len(used) == run.total_steps == run.state.step
     if t.max_steps:
         assert run.total_steps == t.max_steps < t.epochs * run.steps_per_epoch
     else:
@@ -91,7 +91,7 @@ def test_a_warmup_as_long_as_the_run_is_refused(micro_data):
 
 
 def test_the_reported_lr_is_the_one_the_step_just_taken_used(tmp_path, micro_data):
-    run, used = lrs_of_a_real_run(tmp_path, micro_data, "train.epochs=2", "train.report_every=1")
+    run, used = lrs_of_a_real_run(tmp_path, micro_data, "train.epochs=2", "train.report_every_steps=1")
     reports = run.session.reports
     assert len(reports) == len(used)     # one report per step: every step's LR is checked
     for report in reports:
@@ -108,7 +108,7 @@ def test_a_resumed_run_continues_the_schedule_step_for_step(tmp_path, micro_data
     cfg = micro_config("train.lr=1e-3", "train.min_lr=1e-5", "train.epochs=3", crash, output_dir=tmp_path / "b")
     resumed = TrainRun(cfg, micro_data, LocalSession(tmp_path / "c", resume_from=tmp_path / "b" / "run" /
                                                      "checkpoint_000000"))
-    assert resumed.progress.step == through.steps_per_epoch
+    assert resumed.state.step == through.steps_per_epoch
     after: list[float] = []
     resumed.optimizer.register_step_pre_hook(lambda opt, *_: after.append(opt.param_groups[0]["lr"]))
     resumed.fit()
@@ -120,7 +120,7 @@ def test_a_run_resumed_with_more_epochs_replans_its_cosine(tmp_path, micro_data,
     cfg = micro_config("train.lr=1e-3", "train.min_lr=1e-5", "train.epochs=3", output_dir=tmp_path / "b")
     longer = TrainRun(cfg, micro_data, LocalSession(tmp_path / "b", resume_from=short.session.checkpoints[-1]))
     assert "LR schedule differs from the checkpoint's {'total_steps'" in capsys.readouterr().err
-    step = longer.progress.step
+    step = longer.state.step
     # The next step's LR comes from the new plan, not from the optimizer state of the old one.
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * longer.scheduler.lr_lambdas[0](step))
     assert longer.optimizer.param_groups[0]["lr"] > 10 * cfg.train.min_lr

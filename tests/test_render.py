@@ -33,7 +33,7 @@ def make_sweep(root: Path) -> ReportAggregator:
                 losses = [3.0 - epoch + k + 0.01 * i for i in range(20)]
                 losses[5] = None
                 agg.on_trial_result(0, good, trial, {
-                    "epoch": epoch, "batch_start": start, "batch": start + 20,
+                    "epoch": epoch, "batch_start": start, "batches": start + 20,
                     "batch_losses": losses, "epoch_batches": 40, "epoch_end": end,
                     "epoch_loss": 3.0 - epoch + k, "val_loss": (2.5 - epoch + k) if end else None,
                     "lr": 1e-3 / (epoch + 1), "epochs_done": epoch + int(end),
@@ -76,8 +76,9 @@ def test_render_while_the_sweep_keeps_writing(tmp_path: Path) -> None:
     agg = make_sweep(tmp_path)
     render_report(tmp_path)
     late = FakeTrial("trial_late", {"lr": 5e-4})
-    agg.on_trial_result(0, [late], late, {"epoch": 0, "batch_start": 0, "batch": 3,
-                                          "batch_losses": [1.0, 2.0, 3.0], "epoch_batches": 0})
+    agg.on_trial_result(0, [late], late, {"epoch": 0, "batch_start": 0, "batches": 3,
+                                          "batch_losses": [1.0, 2.0, 3.0], "epoch_batches": 10,
+                                          "epoch_end": False})
     assert agg.flush()
     assert "trial_late" in render_report(tmp_path).read_text()
 

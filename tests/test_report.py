@@ -36,7 +36,7 @@ class Clock:
 
 def result(start: int, losses: list, epoch: int, eb: int, end: bool = False, **kw: Any) -> dict:
     base = {"epoch": epoch, "epochs_done": epoch + int(end), "batch_start": start,
-            "batch": start + len(losses), "batch_losses": losses, "epoch_batches": eb,
+            "batches": start + len(losses), "batch_losses": losses, "epoch_batches": eb,
             "epoch_end": end, "step": (start + len(losses)) // 2, "loss": 1.0, "ppl": 2.7,
             "acc": 0.5, "lr": 0.01, "grad_norm": 1.0, "fw_ms": 1.0, "bw_ms": 2.0,
             "tokens_per_s": 100.0, "skipped_steps": 0, "val_loss": None, "val_ppl": None,
@@ -94,10 +94,10 @@ def test_golden_curves_epochs_trials(tmp_path: Path) -> None:
     assert read(out / "epochs.parquet") == [
         {"trial_id": "t1", "epoch": 0, "epoch_loss": 4.0, "val_loss": 3.0, "val_ppl": 20.0,
          "val_acc": 0.25, "val_exact": 0.0, "lr": 0.01, "tokens_per_s": 100.0,
-         "time_total_s": 1.0, "val_step": 2, "step": 2, "batch": 4},
+         "time_total_s": 1.0, "step": 2, "batches": 4, "val_step": 2},
         {"trial_id": "t1", "epoch": 1, "epoch_loss": 2.0, "val_loss": 2.5, "val_ppl": 12.0,
          "val_acc": 0.5, "val_exact": 0.5, "lr": 0.005, "tokens_per_s": 120.0,
-         "time_total_s": 2.0, "val_step": 4, "step": 4, "batch": 8}]
+         "time_total_s": 2.0, "step": 4, "batches": 8, "val_step": 4}]
 
     trials = pq.read_table(out / "trials.parquet")
     assert trials.schema.names[:len(TRIALS_SCHEMA)] == TRIALS_SCHEMA.names
@@ -105,8 +105,8 @@ def test_golden_curves_epochs_trials(tmp_path: Path) -> None:
         "config.lr", "config.model.d_model", "config.tags"]
     (row,) = trials.to_pylist()
     expected = {"trial_id": "t1", "status": "TERMINATED", "error": None, "stop_reason": None,
-                "num_heads": 2, "d_model": 8, "head_dim": 4, "lr": 0.01, "epochs": 2,
-                "step": 4, "batches": 8, "iterations": 4, "time_total_s": 2.0,
+                "num_heads": 2, "d_model": 8, "head_dim": 4, "lr": 0.01, "epochs_done": 2,
+                "step": 4, "batches": 8, "training_iteration": 4, "last_time_total_s": 2.0,
                 "last_loss": 2.0, "last_ppl": None, "last_val_loss": 2.5, "best_epoch": 1,
                 "best_val_loss": 2.5, "best_val_ppl": 12.0, "best_val_acc": 0.5,
                 "best_val_exact": 0.5, "config.lr": 0.01, "config.model.d_model": 8,
@@ -127,7 +127,7 @@ def test_golden_json_documents(tmp_path: Path) -> None:
     assert doc["batch_losses"] == [4.0, 4.0, 2.0, 2.0]
     assert doc["batch_losses_min"] == [4.0, 2.0, 1.0, 2.0]
     assert doc["batch_losses_max"] == [4.0, 6.0, 3.0, 2.0]
-    assert doc["batch_steps"] == [1, 3, 5, 7] and doc["batch_epochs"] == [0, 0, 1, 1]
+    assert doc["micro_batches"] == [1, 3, 5, 7] and doc["batch_epochs"] == [0, 0, 1, 1]
     assert (doc["current_epoch"], doc["total_batches"]) == (1, 8)
     assert doc["dataset_stats"] == {"train_pairs": 9, "val": {"pairs": 1}}
     assert doc["best"] == {"epoch": 1, "val_loss": 2.5, "val_ppl": 12.0, "val_acc": 0.5,
@@ -136,12 +136,17 @@ def test_golden_json_documents(tmp_path: Path) -> None:
     assert [e["val_loss"] for e in doc["epochs"]] == [3.0, 2.5]
 
     sweep = json.loads((out / "experiment_report.json").read_text())
-    assert sweep["schema_version"] == 1 and sweep["points_per_epoch"] == 2
+    assert sweep["schema_version"] == 2 and sweep["points_per_epoch"] == 2
     (trial,) = sweep["trials"]
     assert trial["trial_id"] == "t1" and trial["summary"]["best_val_loss"] == 2.5
-    assert [c["mean"] for c in trial["curves"]] == [[4.0, 4.0], [2.0, 2.0]]
-    assert [c["nonfinite"] for c in trial["curves"]] == [[1, 0], [0, 1]]
-    assert trial["curves"][1]["step_first"] == [4, 6] and trial["curves"][0]["width"] == 2
+    # The sweep document holds the same rows as the parquet tables.
+    table = read_parquet(out / "curves.parquet")
+    assert trial["curves"] == {k: table.column(k).to_pylist() for k in table.column_names if k != "trial_id"}
+    assert trial["curves"]["mean"] == [4.0, 4.0, 2.0, 2.0]
+    assert trial["curves"]["nonfinite"] == [1, 0, 0, 1]
+    assert trial["curves"]["micro_batch_first"] == [0, 2, 4, 6] and trial["curves"]["width"] == [2] * 4
+    assert trial["epochs"] == [{k: v for k, v in r.items() if k != "trial_id"}
+                               for r in read(out / "epochs.parquet")]
     assert [e["epoch_loss"] for e in trial["epochs"]] == [4.0, 2.0]
 
 
@@ -404,7 +409,7 @@ def test_trial_end_and_error_statuses(tmp_path: Path) -> None:
     assert rows["ok"]["status"] == "TERMINATED" and rows["ok"]["error"] is None
     assert rows["bad"]["status"] == "ERROR" and rows["bad"]["error"] == "ValueError: loss exploded"
     assert rows["bad"]["stop_reason"] == "non-finite loss"
-    assert rows["idle"]["status"] == "RUNNING" and rows["idle"]["epochs"] is None
+    assert rows["idle"]["status"] == "RUNNING" and rows["idle"]["epochs_done"] is None
     ok.status = "TERMINATED"
     agg.on_experiment_end([ok, bad, idle])   # a PENDING trial object does not downgrade
     sweep = json.loads((tmp_path / "exp" / "report" / "experiment_report.json").read_text())
@@ -471,7 +476,7 @@ def test_unknown_state_schema_falls_back_to_the_files(tmp_path: Path,
 def test_a_failure_while_preparing_is_logged_not_raised(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    real = report_mod.trial_row
+    real = report_mod.trials_table_row
     calls = {"n": 0}
 
     def broken_once(*args: Any) -> dict:
@@ -480,7 +485,7 @@ def test_a_failure_while_preparing_is_logged_not_raised(tmp_path: Path,
             raise KeyError("surprise")
         return real(*args)
 
-    monkeypatch.setattr(report_mod, "trial_row", broken_once)
+    monkeypatch.setattr(report_mod, "trials_table_row", broken_once)
     agg = ReportAggregator(tmp_path, 10, every_s=1e9)
     with caplog.at_level(logging.ERROR, logger="hlbd_ray.report"):
         run(agg, FakeTrial("t"), long_stream(1))     # the sweep goes on

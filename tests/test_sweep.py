@@ -114,7 +114,7 @@ def test_smoke_sweep_end_to_end(tmp_path):
     assert all(t["d_model"] % t["num_heads"] == 0 and t["head_dim"] == t["d_model"] // t["num_heads"]
                for t in trials)
     # ASHA (grace 1 epoch, factor 2) stopped at least one trial before its last epoch.
-    assert any(t["epochs"] < 3 for t in trials) and any(t["epochs"] == 3 for t in trials)
+    assert any(t["epochs_done"] < 3 for t in trials) and any(t["epochs_done"] == 3 for t in trials)
     best = json.loads((exp / "best.json").read_text())
     assert best["best_val_loss"] == min(t["best_val_loss"] for t in trials)
     best_cfg = load_config(exp / "best_config.yaml")          # a loadable training config

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hlbd_ray.contract import REPORT_KEYS
 from hlbd_ray.data import IGNORE_INDEX, Batch, EncodedSplit, PreparedData, iter_batches
 from hlbd_ray.metrics import token_loss_sum
 from hlbd_ray.optim import run_length
@@ -56,8 +57,8 @@ def test_an_odd_number_of_micro_batches_still_applies_the_last_gradient(tmp_path
     run.optimizer.register_step_post_hook(lambda *_: steps.append(1))
     before = [p.detach().clone() for p in run.model.parameters()]
     run.fit()
-    assert len(steps) == math.ceil(run.epoch_batches / 4) == run.progress.step
-    assert run.progress.batch == run.epoch_batches
+    assert len(steps) == math.ceil(run.epoch_batches / 4) == run.state.step
+    assert run.state.batches == run.epoch_batches
     assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
 
 
@@ -65,6 +66,7 @@ def test_every_report_has_the_same_keys_and_plain_values(tmp_path, micro_data):
     cfg = micro_config("train.epochs=2", output_dir=tmp_path)
     reports = train_locally(cfg, micro_data, tmp_path / "run").reports
     assert len({tuple(r) for r in reports}) == 1
+    assert tuple(reports[0]) == REPORT_KEYS      # the loop writes exactly the declared contract
     for report in reports:
         for key, value in report.items():
             # Exact types: a str subclass such as a config Choice must not reach Ray.
@@ -75,7 +77,7 @@ def test_every_report_has_the_same_keys_and_plain_values(tmp_path, micro_data):
                for r in ends)
     # batch_losses tile the batches without gaps or overlaps.
     covered = [i for r in reports for i in range(r["batch_start"], r["batch_start"] + len(r["batch_losses"]))]
-    assert covered == list(range(reports[-1]["batch"]))
+    assert covered == list(range(reports[-1]["batches"]))
 
 
 def test_resume_after_epoch_one_equals_the_run_that_went_through(tmp_path, micro_data):
