@@ -14,7 +14,7 @@ value over the trial's epochs as `best_<name>`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 
@@ -49,6 +49,9 @@ class Report:
     val_acc: float | None = _q(float, epoch=True, last=True, best="max")
     val_exact: float | None = _q(float, epoch=True, last=True, best="max")
     val_step: int = _q(int, epoch=True, last=True)  # the step validation ran at (-1: not yet)
+    # Per HLBD module of the validation split: {module: {"loss": .., "exact": ..}}; Tune
+    # flattens it to `val_modules/<module>/loss`; the report keeps it in modules.parquet.
+    val_modules: dict = _q(dict)
     d_model: int = _q(int, last=True)
     num_heads: int = _q(int, last=True)
     head_dim: int = _q(int, last=True)
@@ -56,7 +59,8 @@ class Report:
     stop_reason: str = _q(str)                    # why the run stopped itself ("" if it did not)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The report as Ray sends it (a shallow dict: the values are already plain)."""
+        return {k: getattr(self, k) for k in REPORT_KEYS}
 
 
 @dataclass

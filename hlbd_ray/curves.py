@@ -25,6 +25,8 @@ from typing import Any, Iterable, Mapping
 
 from hlbd_ray.contract import EPOCH_FLOATS, EPOCH_INTS
 
+MODULES_KEY = "val_modules"   # the report's per-module validation, kept per epoch
+
 INF = math.inf
 
 
@@ -230,6 +232,8 @@ def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
     non-finite ones as None."""
     out: dict[str, Any] = {k: finite(report.get(k)) for k in EPOCH_FLOATS}
     out.update({k: as_int(report.get(k), None) for k in EPOCH_INTS})
+    out[MODULES_KEY] = {module: {k: finite(v) for k, v in values.items()}
+                        for module, values in (report.get(MODULES_KEY) or {}).items()}
     return out
 
 
@@ -274,7 +278,7 @@ class CurveStore:
                 curve = epochs[e] = EpochCurve(e, int(row["epoch_batches"]), self.points)
             curve.buckets.append(Bucket.from_row(row))
             curve.next = int(row["micro_batch_last"]) + 1
-        summaries = {int(r["epoch"]): {k: r.get(k) for k in EPOCH_FLOATS + EPOCH_INTS}
+        summaries = {int(r["epoch"]): {k: r.get(k) for k in EPOCH_FLOATS + EPOCH_INTS + (MODULES_KEY,)}
                      for r in summary_rows}
         trial = TrialCurves(trial_id, self.points)
         trial.load(epochs.values(), summaries)

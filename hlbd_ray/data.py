@@ -402,10 +402,11 @@ class Batch:
     labels: torch.Tensor   # the next token; IGNORE_INDEX where no loss is taken
     answer: torch.Tensor   # bool: the next token is an answer token or its [EOS]
     truncated: torch.Tensor  # bool [B]: max_len cut the row's answer (never an exact match)
+    modules: torch.Tensor | None = None  # int64 [B]: each row's index into the split's module_names
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.inputs.to(device), self.labels.to(device), self.answer.to(device),
-                     self.truncated.to(device))
+                     self.truncated.to(device), None if self.modules is None else self.modules.to(device))
 
 
 def make_batch(split: EncodedSplit, rows: np.ndarray, loss_on: str = "answer") -> Batch:
@@ -432,7 +433,7 @@ def make_batch(split: EncodedSplit, rows: np.ndarray, loss_on: str = "answer") -
     if loss_on == "answer":
         labels[~answer] = IGNORE_INDEX
     return Batch(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(answer),
-                 torch.from_numpy(split.truncated[rows]))
+                 torch.from_numpy(split.truncated[rows]), torch.from_numpy(split.modules[rows].astype(np.int64)))
 
 
 def iter_batches(split: EncodedSplit, batch_size: int, *, seed: int, epoch: int, shuffle: bool,

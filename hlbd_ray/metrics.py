@@ -75,7 +75,14 @@ def count_tokens(logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Ten
 
 def exact_sequences(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Tensor,
                     truncated: torch.Tensor | None = None) -> tuple[int, int]:
-    """(sequences whose every answer token is the argmax, sequences with an answer token).
+    """(sequences whose every answer token is the argmax, sequences with an answer token)."""
+    hit, has_answer = exact_rows(logits, labels, answer, truncated)
+    return int(hit.sum()), int(has_answer.sum())
+
+
+def exact_rows(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Tensor,
+               truncated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (every answer token is the argmax, the row has an answer token), bool [B].
 
     `answer` is the batch's answer mask. Under teacher forcing this equals exact greedy
     decoding: if every argmax matches, greedy decoding reproduces the answer token by
@@ -88,7 +95,24 @@ def exact_sequences(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Te
     if truncated is not None:
         wrong |= truncated
     has_answer = answer.any(dim=1)
-    return int((has_answer & ~wrong).sum()), int(has_answer.sum())
+    return has_answer & ~wrong, has_answer
+
+
+ROW_COUNTS = ("loss_sum", "tokens", "correct", "exact", "answered")
+
+
+def row_counts(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Tensor,
+               truncated: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the counts behind the validation metrics, float64 [B, len(ROW_COUNTS)]:
+    summed loss and labelled tokens, correct tokens, exact answer, has an answer. Summed
+    over any set of rows (a module, a worker, the split) they give that set's metrics."""
+    token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
+    mask = labels != IGNORE_INDEX
+    correct = (logits.argmax(-1) == labels) & mask & (labels != UNK_ID)
+    hit, has_answer = exact_rows(logits, labels, answer, truncated)
+    return torch.stack([token_loss.sum(1).double(), mask.sum(1).double(), correct.sum(1).double(),
+                        hit.double(), has_answer.double()], dim=1)
 
 
 def all_reduce_sums(values: list[float]) -> list[float]:

@@ -9,8 +9,8 @@ bounded curves (`hlbd_ray.curves`) and writes them under `<experiment_dir>/repor
   playground's `experiment_report.json` (`control_losses`, `batch_losses`, ...), so the
   tools users already point at that file keep working.
 
-Writes happen at most every `every_s` seconds (checked when a result arrives) and at
-every trial end and experiment end; that throttle is what keeps the driver cheap
+Writes happen at most every `every_s` seconds (checked when a result arrives, a trial
+ends and at each step of Tune's loop) and at the experiment end; that throttle is what keeps the driver cheap
 (BENCHMARKS.md): each write serialises the files afresh from the bounded curves. Each file
 is replaced atomically, and a failed write is logged with its path and retried at the next
 interval (its target stays pending). The JSON documents are built from the same rows as
@@ -34,16 +34,17 @@ from typing import Any, Callable, Mapping
 import pyarrow as pa
 from ray.tune import Callback
 
-from hlbd_ray.curves import CurveStore, TrialCurves
+from hlbd_ray.curves import MODULES_KEY, CurveStore, TrialCurves
 from hlbd_ray.tables import (CURVES_FILE, CURVES_SCHEMA, EPOCHS_FILE, EPOCHS_SCHEMA, JSON_FILE,
-                             REPORT_DIR, SCHEMA_VERSION, STRING, TRIALS_FILE, TRIALS_SCHEMA,
+                             MODULES_FILE, MODULES_SCHEMA, REPORT_DIR, SCHEMA_VERSION, STRING,
+                             TRIALS_FILE, TRIALS_SCHEMA, module_rows, modules_by_epoch,
                              TrialInfo, best_metrics, column_type, curve_columns, curves_table, epoch_rows,
                              flatten_config, info_from_row, jsonable, read_rows, safe_name,
                              trials_table_row, write_json, write_parquet)
 
 logger = logging.getLogger(__name__)
 
-_TARGETS = ("curves", "epochs", "trials", "sweep")
+_TARGETS = ("curves", "epochs", "modules", "trials", "sweep")
 
 
 class ReportAggregator(Callback):
@@ -63,6 +64,7 @@ class ReportAggregator(Callback):
         self._last_write = -float("inf")   # the first result is written at once
         self._restored = False
         self._replayed: set[str] = set()   # trials rebuilt from Tune's log after a restore
+        self._latest: dict[str, Mapping[str, Any]] = {}   # each trial's newest result
         if resume:
             self.load_files()
 
@@ -84,18 +86,22 @@ class ReportAggregator(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         self.add_result(trial, result)
-        if self._pending and self._clock() - self._last_write >= self.every_s:
-            self.flush()
+        self.flush_if_due()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # Tune calls this before it marks the trial, so a RUNNING status means "finished".
         status = str(getattr(trial, "status", "") or "")
         self._set_status(trial, status if status in ("ERROR", "TERMINATED") else "TERMINATED")
-        self.flush()
+        self.flush_if_due()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._set_status(trial, "ERROR", error_message(trial))
-        self.flush()
+        self.flush_if_due()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        # Tune's loop runs this often: a trial end with no result after it is written
+        # within `every_s` too.
+        self.flush_if_due()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for trial in trials or []:
@@ -131,7 +137,14 @@ class ReportAggregator(Callback):
             if "batch_losses" in result:
                 self.add_result(trial, result)
 
+    def _settle(self) -> None:
+        for tid, result in self._latest.items():
+            if tid in self.trials:
+                self.trials[tid].update(result)
+        self._latest.clear()
+
     def get_state(self) -> dict[str, Any]:
+        self._settle()
         return {"schema_version": SCHEMA_VERSION, "store": self.store.state(),
                 "trials": {tid: asdict(info) for tid, info in self.trials.items()}}
 
@@ -151,13 +164,15 @@ class ReportAggregator(Callback):
     def add_result(self, trial: Any, result: Mapping[str, Any]) -> None:
         info = self._info(trial)
         info.status = "RUNNING"
-        info.update(result)
+        # Its last values are taken when next needed (a write, Tune's state): cleaning
+        # them per result would cost as much as folding the batches.
+        self._latest[info.trial_id] = result
         curves_changed, epochs_changed = self.store.ingest(info.trial_id, result)
         self._touch(info.trial_id)
         if curves_changed:
             self._pending.add("curves")
         if epochs_changed:
-            self._pending.add("epochs")
+            self._pending.update(("epochs", "modules"))
 
     def _info(self, trial: Any) -> TrialInfo:
         info = self.trials.get(trial.trial_id)
@@ -183,6 +198,13 @@ class ReportAggregator(Callback):
         self._pending.update(f"trial:{tid}" for tid in self.trials)
 
     # ---- writing ----
+    def flush_if_due(self) -> None:
+        """The throttle: write what is pending once `every_s` passed since the last write.
+        Trial ends wait for it too, as they come in bursts (every trial of a rung at once)
+        and each write serialises the whole sweep."""
+        if self._pending and self._clock() - self._last_write >= self.every_s:
+            self.flush()
+
     def flush(self) -> bool:
         """Write every pending file now; False if any write failed (it stays pending)."""
         self._last_write = self._clock()
@@ -214,14 +236,17 @@ class ReportAggregator(Callback):
     def _jobs(self) -> list[tuple[str, Path, Callable[[Path], Any]]]:
         """(target, path, writer) for every file, in write order; writers are lazy so a
         target that is not pending costs nothing but the rows."""
+        self._settle()
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        curves, epochs = curve_columns(self.store), epoch_rows(self.store)
+        curves, epochs, modules = curve_columns(self.store), epoch_rows(self.store), module_rows(self.store)
         trials = {tid: trials_table_row(self.trials[tid], self._best(tid)) for tid in sorted(self.trials)}
         jobs: list[tuple[str, Path, Callable[[Path], Any]]] = [
             ("curves", self.report_dir / CURVES_FILE,
              lambda p: write_parquet(p, curves_table(curves))),
             ("epochs", self.report_dir / EPOCHS_FILE,
              lambda p: write_parquet(p, pa.Table.from_pylist(epochs, schema=EPOCHS_SCHEMA))),
+            ("modules", self.report_dir / MODULES_FILE,
+             lambda p: write_parquet(p, pa.Table.from_pylist(modules, schema=MODULES_SCHEMA))),
             ("trials", self.report_dir / TRIALS_FILE,
              lambda p: write_parquet(p, self.trials_table(trials))),
         ]
@@ -229,7 +254,7 @@ class ReportAggregator(Callback):
             jobs.append((f"trial:{tid}", self.report_dir / "trials" / safe_name(tid) / JSON_FILE,
                          lambda p, tid=tid: write_json(p, self._trial_json(tid, trials[tid], stamp))))
         jobs.append(("sweep", self.report_dir / JSON_FILE,
-                     lambda p: write_json(p, self._sweep_json(trials, epochs, curves, stamp))))
+                     lambda p: write_json(p, self._sweep_json(trials, epochs, modules, curves, stamp))))
         return jobs
 
     def _best(self, tid: str) -> dict[str, Any]:
@@ -238,6 +263,7 @@ class ReportAggregator(Callback):
 
     def trials_table(self, rows: Mapping[str, dict[str, Any]] | None = None) -> pa.Table:
         if rows is None:
+            self._settle()
             rows = {tid: trials_table_row(self.trials[tid], self._best(tid)) for tid in sorted(self.trials)}
         out = [dict(r) for r in rows.values()]
         schema = TRIALS_SCHEMA
@@ -279,18 +305,23 @@ class ReportAggregator(Callback):
         }
 
     def _sweep_json(self, trials: Mapping[str, dict[str, Any]], epochs: list[dict[str, Any]],
-                    curves: Mapping[str, Mapping[str, list]], stamp: str) -> dict[str, Any]:
-        """The whole sweep: per trial its trials.parquet row, its epochs.parquet rows and its
-        curves.parquet rows as columns (all without the trial id)."""
-        epochs_of: dict[str, list[dict[str, Any]]] = {}
-        for r in epochs:
-            epochs_of.setdefault(r["trial_id"], []).append({k: v for k, v in r.items() if k != "trial_id"})
+                    modules: list[dict[str, Any]], curves: Mapping[str, Mapping[str, list]],
+                    stamp: str) -> dict[str, Any]:
+        """The whole sweep: per trial its trials.parquet row, its epochs.parquet and
+        modules.parquet rows, and its curves.parquet rows as columns (all without the trial id)."""
+        def by_trial(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+            grouped: dict[str, list[dict[str, Any]]] = {}
+            for r in rows:
+                grouped.setdefault(r["trial_id"], []).append({k: v for k, v in r.items() if k != "trial_id"})
+            return grouped
+
+        epochs_of, modules_of = by_trial(epochs), by_trial(modules)
         no_curves = {n: [] for n in CURVES_SCHEMA.names[1:]}
         docs = [{"trial_id": tid, "status": row["status"], "error": row["error"],
                  "config": self.trials[tid].config,
                  "summary": {k: v for k, v in row.items()
                              if k not in ("trial_id", "status", "error", "config_json")},
-                 "epochs": epochs_of.get(tid, []),
+                 "epochs": epochs_of.get(tid, []), "modules": modules_of.get(tid, []),
                  "curves": {k: v for k, v in curves.get(tid, no_curves).items() if k != "trial_id"}}
                 for tid, row in trials.items()]
         return {"schema_version": SCHEMA_VERSION, "timestamp": stamp,
@@ -301,8 +332,11 @@ class ReportAggregator(Callback):
     def load_files(self) -> int:
         """Adopt each trial from the parquet files where they hold more of it than memory
         does; returns how many trials were adopted. Unreadable files are logged, skipped."""
-        curves, epochs, trials = (read_rows(self.report_dir / name)
-                                  for name in (CURVES_FILE, EPOCHS_FILE, TRIALS_FILE))
+        curves, epochs, trials, modules = (read_rows(self.report_dir / name)
+                                           for name in (CURVES_FILE, EPOCHS_FILE, TRIALS_FILE, MODULES_FILE))
+        per_module = modules_by_epoch(modules)
+        for r in epochs:
+            r[MODULES_KEY] = per_module.get((r["trial_id"], int(r["epoch"])), {})
         by_trial: dict[str, tuple[list, list]] = {}
         for index, rows in enumerate((curves, epochs)):
             for r in rows:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hlbd_ray.contract import BEST, EPOCH_FLOATS, EPOCH_INTS, LAST_FLOATS, LAST_INTS, best_index, last_column
-from hlbd_ray.curves import BUCKET_FIELDS, CurveStore, as_int, finite
+from hlbd_ray.curves import BUCKET_FIELDS, MODULES_KEY, CurveStore, as_int, finite
 from hlbd_ray.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 REPORT_DIR = "report"
 CURVES_FILE, EPOCHS_FILE, TRIALS_FILE = "curves.parquet", "epochs.parquet", "trials.parquet"
+MODULES_FILE = "modules.parquet"
 JSON_FILE = "experiment_report.json"
 
 _I, _F, STRING = pa.int64(), pa.float64(), pa.string()
@@ -38,6 +39,9 @@ CURVES_SCHEMA = pa.schema(
     + [(k, _BUCKET_TYPES.get(k, _I)) for k in BUCKET_FIELDS[1:]])
 EPOCHS_SCHEMA = pa.schema([("trial_id", STRING), ("epoch", _I)]
                           + [(k, _F) for k in EPOCH_FLOATS] + [(k, _I) for k in EPOCH_INTS])
+# Per (trial, epoch, module, metric): the per-module validation (`val_modules`), long.
+MODULES_SCHEMA = pa.schema([("trial_id", STRING), ("epoch", _I), ("module", STRING),
+                           ("metric", STRING), ("value", _F)])
 # Per trial; the config's own keys follow as `config.<flattened key>` columns.
 TRIALS_SCHEMA = pa.schema(
     [("trial_id", STRING), ("status", STRING), ("error", STRING), ("stop_reason", STRING),
@@ -109,11 +113,20 @@ def curve_columns(store: CurveStore) -> dict[str, dict[str, list]]:
     (columns, because a write serialises up to points x epochs x trials of them)."""
     out = {}
     for tid in sorted(store.trials):
-        rows = [(c.epoch, c.width, c.epoch_batches) + b.row()
-                for c in store.trials[tid].sorted_epochs() for b in c.buckets]
-        names = ("epoch", "width", "epoch_batches") + BUCKET_FIELDS
-        cols = dict(zip(names, map(list, zip(*rows)))) if rows else {n: [] for n in names}
-        out[tid] = {"trial_id": [tid] * len(rows), **{n: cols[n] for n in CURVES_SCHEMA.names[1:]}}
+        curves = store.trials[tid].sorted_epochs()
+        bs = [b for c in curves for b in c.buckets]
+        per_epoch = [(c, len(c.buckets)) for c in curves]
+        out[tid] = {
+            "trial_id": [tid] * len(bs),
+            "epoch": [c.epoch for c, n in per_epoch for _ in range(n)],
+            "bucket": [b.index for b in bs],
+            "width": [c.width for c, n in per_epoch for _ in range(n)],
+            "epoch_batches": [c.epoch_batches for c, n in per_epoch for _ in range(n)],
+            "micro_batch_first": [b.micro_batch_first for b in bs],
+            "micro_batch_last": [b.micro_batch_last for b in bs],
+            "count": [b.count for b in bs], "nonfinite": [b.nonfinite for b in bs],
+            "mean": [b.mean for b in bs], "min": [b.min for b in bs], "max": [b.max for b in bs],
+            "last": [b.last for b in bs], "sum": [b.sum for b in bs]}
     return out
 
 
@@ -124,9 +137,26 @@ def curves_table(columns: Mapping[str, Mapping[str, list]]) -> pa.Table:
 
 def epoch_rows(store: CurveStore) -> list[dict[str, Any]]:
     """Every closed epoch of every trial (the rows of epochs.parquet)."""
-    return [{"trial_id": tid, "epoch": e, **s}
+    return [{"trial_id": tid, "epoch": e, **{k: v for k, v in s.items() if k != MODULES_KEY}}
             for tid in sorted(store.trials)
             for e, s in sorted(store.trials[tid].summaries.items())]
+
+
+def module_rows(store: CurveStore) -> list[dict[str, Any]]:
+    """Every closed epoch's validation per module, long (the rows of modules.parquet)."""
+    return [{"trial_id": tid, "epoch": e, "module": module, "metric": metric, "value": value}
+            for tid in sorted(store.trials)
+            for e, s in sorted(store.trials[tid].summaries.items())
+            for module, values in sorted((s.get(MODULES_KEY) or {}).items())
+            for metric, value in values.items()]
+
+
+def modules_by_epoch(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], dict[str, dict[str, Any]]]:
+    """modules.parquet rows back into {(trial, epoch): {module: {metric: value}}}."""
+    out: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["trial_id"], int(r["epoch"])), {}).setdefault(r["module"], {})[r["metric"]] = r["value"]
+    return out
 
 
 def write_json(path: Path, doc: Any) -> None:

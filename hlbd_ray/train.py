@@ -23,8 +23,8 @@ from hlbd_ray.config import Config, from_dict, to_dict
 from hlbd_ray.contract import Report
 from hlbd_ray.data import IGNORE_INDEX, Batch, PreparedData, iter_batches, num_batches
 from hlbd_ray.faults import FaultInjector
-from hlbd_ray.metrics import (TokenCounts, Window, all_reduce_sums, count_tokens, exact_sequences,
-                              finite_or_none, perplexity, token_loss_sum)
+from hlbd_ray.metrics import (ROW_COUNTS, TokenCounts, Window, all_reduce_sums, count_tokens,
+                              finite_or_none, perplexity, row_counts, token_loss_sum)
 from hlbd_ray.model import ModelSpec, build_model
 from hlbd_ray.optim import build_lr_schedule, build_optimizer, restore_lr_schedule, run_length
 from hlbd_ray.progress import EpochBar
@@ -62,7 +62,8 @@ class RunState:
     skipped_steps: int = 0      # steps skipped for non-finite gradients
     consecutive_skips: int = 0
     val: dict[str, Any] = field(default_factory=lambda: {
-        "val_loss": None, "val_ppl": None, "val_acc": None, "val_exact": None, "val_step": -1})
+        "val_loss": None, "val_ppl": None, "val_acc": None, "val_exact": None, "val_step": -1,
+        "val_modules": {}})
     history: list[dict[str, Any]] = field(default_factory=list)  # one summary per epoch
     stop_reason: str = ""
     last_metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch-end report
@@ -219,9 +220,11 @@ class TrainRun:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Validation with dropout off, token-weighted, summed over workers' disjoint shares."""
+        """Validation with dropout off, token-weighted, summed over workers' disjoint shares:
+        overall, and per HLBD module of the split (`val_modules`: {module: {loss, exact}})."""
         self.model.eval()
-        counts, exact, answered = TokenCounts(), 0, 0
+        names = self.data.val.module_names
+        sums = torch.zeros(len(names), len(ROW_COUNTS), dtype=torch.float64)
         batches = iter_batches(self.data.val, self.t.batch_size * 2, seed=self.t.seed, epoch=0,
                                shuffle=False, loss_on=self.t.loss_on)
         for i, batch in enumerate(batches):
@@ -230,15 +233,16 @@ class TrainRun:
             b = batch.to(self.device)
             with self._autocast():
                 logits = self.model(b.inputs)
-            counts.add(count_tokens(logits, b.labels, token_loss_sum(logits, b.labels)))
-            hit, n = exact_sequences(logits, b.labels, b.answer, b.truncated)
-            exact, answered = exact + hit, answered + n
-        loss_sum, correct, tokens, exact, answered = all_reduce_sums(
-            [counts.loss_sum, counts.correct, counts.tokens, exact, answered])
-        total = TokenCounts(loss_sum, int(correct), int(tokens))
+            rows = row_counts(logits, b.labels, b.answer, b.truncated).cpu()
+            sums.index_add_(0, b.modules.cpu(), rows)
+        sums = torch.tensor(all_reduce_sums(sums.flatten().tolist()), dtype=torch.float64).view_as(sums)
         self.model.train()
-        return {"val_loss": total.loss, "val_ppl": perplexity(total.loss), "val_acc": total.acc,
-                "val_exact": exact / answered if answered else None, "val_step": self.state.step}
+        overall = _val_metrics(sums.sum(0).tolist())
+        return {"val_loss": overall["loss"], "val_ppl": perplexity(overall["loss"]),
+                "val_acc": overall["acc"], "val_exact": overall["exact"], "val_step": self.state.step,
+                "val_modules": {name: {k: m[k] for k in ("loss", "exact")}
+                                for name, m in ((n, _val_metrics(sums[j].tolist())) for j, n in enumerate(names))
+                                if m["tokens"]}}
 
     def end_epoch(self) -> None:
         """Validate, record the epoch, checkpoint and report (the report carries the checkpoint)."""
@@ -311,3 +315,10 @@ class TrainRun:
         if rng is not None:
             restore_rng(rng)
 
+
+def _val_metrics(counts: list[float]) -> dict[str, Any]:
+    """Loss, token accuracy and exact-answer share from summed ROW_COUNTS."""
+    loss_sum, tokens, correct, exact, answered = counts
+    total = TokenCounts(loss_sum, int(correct), int(tokens))
+    return {"loss": total.loss, "acc": total.acc, "exact": exact / answered if answered else None,
+            "tokens": int(tokens)}

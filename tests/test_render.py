@@ -43,6 +43,7 @@ def make_sweep(root: Path) -> ReportAggregator:
     err.write_text("Failure # 1\nRuntimeError: worker <died> & gone\n")
     broken = FakeTrial("trial_broken", {"lr": 1.0}, status="ERROR", error_file=str(err))
     agg.on_trial_error(0, good + [broken], broken)
+    assert agg.flush()
     return agg
 
 

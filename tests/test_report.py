@@ -79,6 +79,8 @@ def golden(tmp_path: Path) -> tuple[ReportAggregator, Path]:
     for r in GOLDEN_STREAM:
         agg.on_trial_result(0, [trial], trial, r)
     agg.on_trial_complete(0, [trial], trial)
+    assert not (tmp_path / "report" / "epochs.parquet").exists()   # a trial end waits for the throttle
+    agg.on_experiment_end([trial])
     return agg, tmp_path / "report"
 
 
@@ -388,6 +390,14 @@ def test_writes_are_throttled_to_every_s(tmp_path: Path) -> None:
     clock.now = 10.0
     agg.on_trial_result(0, [trial], trial, result(10, [1.0], 0, 100))
     assert len(read(curves)) == 11
+    # A trial end waits for the throttle too, and Tune's loop writes it once due.
+    clock.now = 15.0
+    agg.on_trial_complete(0, [trial], trial)
+    assert read(tmp_path / "report" / "trials.parquet")[0]["status"] == "RUNNING"
+    agg.on_step_end(0, [trial])
+    clock.now = 20.0
+    agg.on_step_end(0, [trial])
+    assert read(tmp_path / "report" / "trials.parquet")[0]["status"] == "TERMINATED"
 
 
 def test_trial_end_and_error_statuses(tmp_path: Path) -> None:
@@ -405,6 +415,7 @@ def test_trial_end_and_error_statuses(tmp_path: Path) -> None:
     agg.on_trial_complete(0, [ok, bad], ok)
     bad.status = "ERROR"
     agg.on_trial_error(0, [ok, bad], bad)
+    assert agg.flush()
     rows = {r["trial_id"]: r for r in read(tmp_path / "exp" / "report" / "trials.parquet")}
     assert rows["ok"]["status"] == "TERMINATED" and rows["ok"]["error"] is None
     assert rows["bad"]["status"] == "ERROR" and rows["bad"]["error"] == "ValueError: loss exploded"

@@ -70,7 +70,7 @@ def test_every_report_has_the_same_keys_and_plain_values(tmp_path, micro_data):
     for report in reports:
         for key, value in report.items():
             # Exact types: a str subclass such as a config Choice must not reach Ray.
-            assert value is None or type(value) in (int, float, str, bool, list), key
+            assert value is None or type(value) in (int, float, str, bool, list, dict), key
     ends = [r for r in reports if r["epoch_end"]]
     assert [r["epochs_done"] for r in ends] == [1, 2]
     assert all(r["val_loss"] is not None and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
@@ -146,6 +146,25 @@ def test_validation_never_counts_a_cut_answer_as_exact(tmp_path, micro_data):
     assert metrics["val_exact"] == 0.5         # ...but only the two whole answers are exact
     val.truncated[:] = False
     assert run.evaluate()["val_exact"] == 1.0
+
+
+def test_validation_is_also_reported_per_module(tmp_path, micro_data):
+    # Rows 0-1 are one module, rows 2-3 another; max_len cut both rows of the first.
+    seqs = [list(range(10 + 10 * i, 16 + 10 * i)) for i in range(4)]
+    val = EncodedSplit(np.asarray(sum(seqs, []), dtype=np.int32), np.arange(0, 25, 6, dtype=np.int64),
+                       np.full(4, 3, dtype=np.int32), modules=np.array([1, 1, 2, 2], dtype=np.int32),
+                       truncated=np.array([True, True, False, False]),
+                       module_names=("absent", "geometry", "zodiac"))
+    data = PreparedData(micro_data.tokenizer, micro_data.train, val, micro_data.dataset_stats)
+    run = new_run(tmp_path, data)
+    run.model = Successor(len(run.tokenizer))
+    metrics = run.evaluate()
+    by_module = metrics["val_modules"]
+    assert set(by_module) == {"geometry", "zodiac"}          # a module without rows has no entry
+    assert (by_module["geometry"]["exact"], by_module["zodiac"]["exact"]) == (0.0, 1.0)
+    assert metrics["val_exact"] == 0.5
+    # Equal token counts per module: the overall loss is the mean of the two.
+    assert metrics["val_loss"] == pytest.approx((by_module["geometry"]["loss"] + by_module["zodiac"]["loss"]) / 2)
 
 
 def test_a_run_needs_max_len_resolved_to_the_data(tmp_path, micro_data):
