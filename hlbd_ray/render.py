@@ -20,8 +20,8 @@ from matplotlib.figure import Figure
 
 from hlbd_ray.errors import UserError
 from hlbd_ray.files import atomic_write, atomic_write_text
-from hlbd_ray.tables import (CURVES_FILE, EPOCHS_FILE, REPORT_DIR, TRIALS_FILE, read_parquet,
-                             safe_name)
+from hlbd_ray.tables import (CURVES_FILE, EPOCHS_FILE, MODULES_FILE, REPORT_DIR, TRIALS_FILE,
+                             read_parquet, safe_name)
 
 PLOTS_DIR = "plots"
 INDEX_FILE = "index.html"
@@ -53,7 +53,8 @@ def load_report(report_dir: Path) -> dict[str, Any]:
     trials = rows(TRIALS_FILE)
     for t in trials:
         t["config"] = json.loads(t.get("config_json") or "{}")
-    return {"trials": trials, "epochs": rows(EPOCHS_FILE), "curves": rows(CURVES_FILE)}
+    return {"trials": trials, "epochs": rows(EPOCHS_FILE), "curves": rows(CURVES_FILE),
+            "modules": rows(MODULES_FILE)}
 
 
 def render_report(folder: str | Path) -> Path:
@@ -76,7 +77,8 @@ def render_report(folder: str | Path) -> Path:
             per_trial[tid] = _save(plots / f"loss_{safe_name(tid)}.png",
                                    _trial_loss(tid, by_trial[tid]))
     index = report_dir / INDEX_FILE
-    atomic_write_text(index, _html(trials, overview, per_trial, report_dir))
+    modules = {tid: _module_table(rows) for tid, rows in _group(data["modules"]).items()}
+    atomic_write_text(index, _html(trials, overview, per_trial, report_dir, modules))
     return index
 
 
@@ -174,8 +176,21 @@ def _fmt(value: Any, pattern: str) -> str:
         return html.escape(str(value))
 
 
+def _module_table(rows: list[dict[str, Any]]) -> str:
+    """The trial's validation per HLBD module at its last closed epoch, as an HTML table."""
+    last = max(r["epoch"] for r in rows)
+    values: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["epoch"] == last:
+            values.setdefault(r["module"], {})[r["metric"]] = r["value"]
+    body = "".join(f"<tr><td>{html.escape(m)}</td><td>{_fmt(v.get('loss'), '{:.4f}')}</td>"
+                   f"<td>{_fmt(v.get('exact'), '{:.3f}')}</td></tr>" for m, v in sorted(values.items()))
+    return (f'<table class="mod"><tr><th>module (epoch {last + 1})</th><th>val loss</th>'
+            f"<th>val exact</th></tr>{body}</table>")
+
+
 def _html(trials: list[dict[str, Any]], overview: list[Path], per_trial: dict[str, Path],
-          report_dir: Path) -> str:
+          report_dir: Path, modules: dict[str, str] | None = None) -> str:
     def rel(p: Path) -> str:
         return html.escape(p.relative_to(report_dir).as_posix(), quote=True)
 
@@ -198,7 +213,7 @@ def _html(trials: list[dict[str, Any]], overview: list[Path], per_trial: dict[st
         error = f'<p class="err">{html.escape(t["error"])}</p>' if t.get("error") else ""
         sections.append(f'<section id="t-{html.escape(tid)}"><h3>{html.escape(tid)} '
                         f'({html.escape(str(t.get("status")))})</h3>{error}{plot}'
-                        f'<table class="cfg">{config}</table></section>')
+                        f'{(modules or {}).get(tid, "")}<table class="cfg">{config}</table></section>')
     images = "".join(f'<img src="{rel(p)}" alt="{html.escape(p.stem)}">' for p in overview)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Sweep report</title>

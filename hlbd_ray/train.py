@@ -92,6 +92,10 @@ class TrainRun:
         self.scheduler = build_lr_schedule(self.optimizer, self.t, self.steps_per_epoch, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = RunState()
+        # Every module from the first report on (None until validated): Tune's CSV log
+        # takes its columns from the first result it sees.
+        self.state.val["val_modules"] = {data.val.module_names[i]: {"loss": None, "exact": None}
+                                         for i in sorted(set(data.val.modules.tolist()))}
         self.session.restore(self._load)
         # The LR the last optimizer step used (what reports show); the scheduler holds the next one's.
         self.step_lr = float(self.optimizer.param_groups[0]["lr"])

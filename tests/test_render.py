@@ -37,6 +37,7 @@ def make_sweep(root: Path) -> ReportAggregator:
                     "batch_losses": losses, "epoch_batches": 40, "epoch_end": end,
                     "epoch_loss": 3.0 - epoch + k, "val_loss": (2.5 - epoch + k) if end else None,
                     "lr": 1e-3 / (epoch + 1), "epochs_done": epoch + int(end),
+                    "val_modules": {"zodiac": {"loss": 1.25 + epoch + k, "exact": 0.5}} if end else {},
                     "d_model": 32, "num_heads": 4 + 4 * k, "head_dim": 8 // (k + 1)})
         agg.on_trial_complete(0, good, trial)
     err = root / "error.txt"
@@ -60,6 +61,9 @@ def test_render_writes_pngs_and_an_index_naming_every_trial(tmp_path: Path) -> N
     html = index.read_text()
     for tid in ("trial_good", "trial_worse", "trial_broken"):
         assert tid in html
+    # Each trial's validation per module at its last epoch (epoch 2: loss 1.25 + 1 + k).
+    assert "<td>zodiac</td><td>2.2500</td><td>0.500</td>" in html
+    assert "<td>zodiac</td><td>3.2500</td><td>0.500</td>" in html
     # Best validation loss first; the errored trial (no val loss) last, its error escaped.
     assert html.index("trial_good") < html.index("trial_worse") < html.index("trial_broken")
     assert "RuntimeError: worker &lt;died&gt; &amp; gone" in html

@@ -56,7 +56,8 @@ def read(path: Path) -> list[dict[str, Any]]:
 GOLDEN_STREAM = [
     result(0, [4.0, None, 2.0], 0, 4),
     result(3, [6.0], 0, 4, end=True, epoch_loss=4.0, val_loss=3.0, val_ppl=20.0, val_acc=0.25,
-           val_exact=0.0, lr=0.01, tokens_per_s=100.0, step=2, val_step=2, time_total_s=1.0),
+           val_exact=0.0, lr=0.01, tokens_per_s=100.0, step=2, val_step=2, time_total_s=1.0,
+           val_modules={"zodiac": {"loss": 3.5, "exact": NAN}, "geometry": {"loss": 2.5, "exact": 0.0}}),
     result(4, [3.0, 1.0], 1, 4, loss=INF),
     result(6, [NAN, 2.0], 1, 4, end=True, epoch_loss=2.0, val_loss=2.5, val_ppl=12.0,
            val_acc=0.5, val_exact=0.5, lr=0.005, tokens_per_s=120.0, step=4, val_step=4,
@@ -100,6 +101,13 @@ def test_golden_curves_epochs_trials(tmp_path: Path) -> None:
         {"trial_id": "t1", "epoch": 1, "epoch_loss": 2.0, "val_loss": 2.5, "val_ppl": 12.0,
          "val_acc": 0.5, "val_exact": 0.5, "lr": 0.005, "tokens_per_s": 120.0,
          "time_total_s": 2.0, "step": 4, "batches": 8, "val_step": 4}]
+
+    # Validation per module, long: one row per (trial, epoch, module, metric); NaN is null.
+    assert read(out / "modules.parquet") == [
+        {"trial_id": "t1", "epoch": 0, "module": "geometry", "metric": "loss", "value": 2.5},
+        {"trial_id": "t1", "epoch": 0, "module": "geometry", "metric": "exact", "value": 0.0},
+        {"trial_id": "t1", "epoch": 0, "module": "zodiac", "metric": "loss", "value": 3.5},
+        {"trial_id": "t1", "epoch": 0, "module": "zodiac", "metric": "exact", "value": None}]
 
     trials = pq.read_table(out / "trials.parquet")
     assert trials.schema.names[:len(TRIALS_SCHEMA)] == TRIALS_SCHEMA.names
@@ -203,7 +211,8 @@ def long_stream(epochs: int = 4, eb: int = 120, seed: int = 0) -> list[dict]:
             losses = [((pos + i) * 7919 + seed) % 101 / 10.0 for i in range(n)]
             end = pos + n == (epoch + 1) * eb
             out.append(result(pos, losses, epoch, eb, end=end, epoch_loss=float(epoch),
-                              val_loss=5.0 - epoch if end else None))
+                              val_loss=5.0 - epoch if end else None,
+                              val_modules={"zodiac": {"loss": 4.0 - epoch, "exact": 0.25}} if end else {}))
             pos += n
     return out
 
@@ -230,8 +239,9 @@ def finish(agg: ReportAggregator, trial: FakeTrial) -> Path:
 
 
 def same_report(a: Path, b: Path) -> None:
-    for name in ("curves.parquet", "epochs.parquet"):
+    for name in ("curves.parquet", "epochs.parquet", "modules.parquet"):
         assert read(a / name) == read(b / name), name
+    assert read(a / "modules.parquet")                 # the restore kept the module rows
     strip = lambda d: {k: v for k, v in d.items() if k != "timestamp"}  # noqa: E731
     assert strip(json.loads((a / "trials/t/experiment_report.json").read_text())) == \
         strip(json.loads((b / "trials/t/experiment_report.json").read_text()))

@@ -124,6 +124,15 @@ def test_smoke_sweep_end_to_end(tmp_path):
     assert Path(best["checkpoint"]).is_dir()
     for name in ("curves.parquet", "epochs.parquet", "experiment_report.json"):
         assert (exp / "report" / name).is_file()
+    # Validation per module: in Tune's results as nested keys, and in modules.parquet.
+    modules = {m for m, r in report["modules"].items() if r["val_pairs"]}
+    (log, *_) = sorted(exp.glob("*/progress.csv"))
+    header = log.read_text().splitlines()[0].split(",")
+    assert {f"val_modules/{m}/{k}" for m in modules for k in ("loss", "exact")} <= set(header)
+    last = json.loads((log.parent / "result.json").read_text().splitlines()[-1])
+    assert set(last["val_modules"]) == modules and last["val_modules"]["geometry"]["loss"] is not None
+    rows = pq.read_table(exp / "report" / "modules.parquet").to_pylist()
+    assert {r["module"] for r in rows} == modules and {r["metric"] for r in rows} == {"loss", "exact"}
     assert "best trial" in result.stdout and "[sweep" in result.stdout
     # A console a new user can read: a line per trial start and end, the outcome counts,
     # and none of the Ray tracebacks or cleaner chatter of trials being stopped.
