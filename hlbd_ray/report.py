@@ -3,6 +3,7 @@ bounded curves (`hlbd_ray.curves`) and writes them under `<experiment_dir>/repor
 
 - `curves.parquet`  one row per (trial, epoch, bucket) of batch losses;
 - `epochs.parquet`  one row per (trial, epoch): epoch mean loss, validation, lr, tokens/s;
+- `modules.parquet` one row per (trial, epoch, module, metric): validation per HLBD module;
 - `trials.parquet`  one row per trial: config, status, error, last and best metrics;
 - `experiment_report.json` the whole sweep in one document, and
   `trials/<trial_id>/experiment_report.json` per trial, keeping the keys of the HLBD
