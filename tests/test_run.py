@@ -40,7 +40,7 @@ def test_two_worker_ddp_run_writes_its_folder_and_resumes(tmp_path):
     assert [r["epochs_done"] for r in ends] == [1, 2]
     assert all(r["checkpoint_path"] for r in ends)
     # Two workers each take half of every epoch's batches.
-    assert records[-1]["batch"] == 2 * records[-1]["epoch_batches"]
+    assert records[-1]["batches"] == 2 * records[-1]["epoch_batches"]
     state = torch.load(f"{ends[-1]['checkpoint_path']}/state.pt", weights_only=True)
     assert state["tokenizer"] == vocab and state["progress"]["epoch"] == 2
     assert state["config"]["train"]["max_len"] == 56
