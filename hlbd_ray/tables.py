@@ -43,11 +43,11 @@ EPOCHS_SCHEMA = pa.schema([("trial_id", STRING), ("epoch", _I)]
 LAST_FLOATS = ("loss", "ppl", "acc", "epoch_loss", "val_loss", "val_ppl", "val_acc",
                "val_exact", "lr", "grad_norm", "tokens_per_s", "time_total_s")
 LAST_INTS = ("epoch", "epochs_done", "step", "batch", "skipped_steps", "val_step",
-             "training_iteration", "d_model", "num_heads", "head_dim")
+             "training_iteration", "d_model", "num_heads", "head_dim", "seed")
 BEST = (("val_loss", min), ("val_ppl", min), ("val_acc", max), ("val_exact", max))
 TRIALS_SCHEMA = pa.schema(
     [("trial_id", STRING), ("status", STRING), ("error", STRING), ("stop_reason", STRING),
-     ("num_heads", _I), ("d_model", _I), ("head_dim", _I), ("lr", _F),
+     ("num_heads", _I), ("d_model", _I), ("head_dim", _I), ("lr", _F), ("seed", _I),
      ("epochs", _I), ("step", _I), ("batches", _I), ("iterations", _I),
      ("time_total_s", _F), ("skipped_steps", _I)]
     + [(f"last_{k}", _F) for k in LAST_FLOATS if k != "time_total_s"]
@@ -80,7 +80,7 @@ def trial_row(info: TrialInfo, best: Mapping[str, Any]) -> dict[str, Any]:
     head_dim = last.get("head_dim") or (d_model // heads if d_model and heads else None)
     row = {"trial_id": info.trial_id, "status": info.status, "error": info.error,
            "stop_reason": last.get("stop_reason") or None, "num_heads": heads,
-           "d_model": d_model, "head_dim": head_dim, "lr": _config_lr(config),
+           "d_model": d_model, "head_dim": head_dim, "lr": _config_lr(config), "seed": last.get("seed"),
            "epochs": last.get("epochs_done"), "step": last.get("step"),
            "batches": last.get("batch"), "iterations": last.get("training_iteration"),
            "time_total_s": last.get("time_total_s"), "skipped_steps": last.get("skipped_steps")}
@@ -97,7 +97,7 @@ def info_from_row(row: Mapping[str, Any]) -> TrialInfo:
     last.update({"time_total_s": row.get("time_total_s"), "epochs_done": row.get("epochs"),
                  "step": row.get("step"), "batch": row.get("batches"),
                  "training_iteration": row.get("iterations"), "d_model": row.get("d_model"),
-                 "num_heads": row.get("num_heads"), "head_dim": row.get("head_dim"),
+                 "num_heads": row.get("num_heads"), "head_dim": row.get("head_dim"), "seed": row.get("seed"),
                  "skipped_steps": row.get("skipped_steps"),
                  "stop_reason": row.get("stop_reason") or ""})
     return TrialInfo(row["trial_id"], json.loads(row.get("config_json") or "{}"),

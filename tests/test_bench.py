@@ -113,3 +113,13 @@ def test_load_smoke() -> None:
     assert result["all_rows"] is True and result["trials"] == [2, 4]
     check({"growth": result["rss_growth_mb_per_trial"], "peak": max(result["peak_rss_mb"])},
           {"growth"}, {"peak"})
+
+
+@pytest.mark.slow
+def test_regret_smoke() -> None:
+    result = run_smoke("regret.py", timeout=240)
+    check(result, {"seed_noise", "search_regret", "confirmed_regret"},
+          {"grid_cpu_s", "search_cpu_ratio", "confirmed_cpu_ratio"})
+    assert result["configs"] == 2 and result["search_regret"] >= 0 and result["confirmed_regret"] >= 0
+    # The confirmation adds trials: it never costs less than the search it confirms.
+    assert result["confirmed_cpu_ratio"] > result["search_cpu_ratio"]
