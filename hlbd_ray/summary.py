@@ -103,9 +103,11 @@ def finish(cfg: Config, results: Any, exp_dir: Path, outcome: Callable[[str, boo
     print_table(rows)
     counts = outcome_counts(rows)
     print("\n" + outcome_line(counts, s.scheduler))
-    confirmed = [r for r in rows if r["stage"] == CONFIRM_STAGE]
+    # A confirmation cut short names no winner: its unfinished trials' last values are
+    # not final ones (the search's best stands, "so far").
+    confirmed = [r for r in rows if r["stage"] == CONFIRM_STAGE and r["status"] == COMPLETED]
     confirmation = None
-    if confirmed:
+    if confirmed and not stopped_by:
         stats = config_stats(confirmed, s.metric, str(s.mode))
         confirmation = {"stats": stats, **verdict(stats)}
         print(format_report(stats, confirmation, s.metric))
