@@ -150,7 +150,8 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
         scheduler, num_samples, budget, limit = FIFOScheduler(), 1, None, None
     path = storage_join(cfg.storage_path, name)
     if tune.Tuner.can_restore(path):
-        print(f"resuming {path} (finished trials are kept)", flush=True)
+        stage = "the sweep" if candidates is None else "the confirmation"
+        print(f"resuming {stage} in {path} (finished trials are kept)", flush=True)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True,
                                   resume_errored=True, param_space=space)
     tune_config = tune.TuneConfig(
