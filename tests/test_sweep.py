@@ -187,6 +187,12 @@ def _confirmed_configs(exp: Path, trial_ids) -> set[tuple[str, float]]:
     return {(p["arch"], p["lr"]) for p in params}
 
 
+def _confirm_checkpointed(exp: Path) -> list[str]:
+    """Confirmation trials whose Train run saved a checkpoint (Tune buffers result.json)."""
+    trials = [folder.name for folder in (exp / "confirm").glob("*_0000*")]
+    return [tid for tid in trials if any((exp / "train" / tid).glob("checkpoint_*"))]
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     # Killed inside the confirmation stage: the finished search is restored as it is,
@@ -199,22 +205,27 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
                              stderr=subprocess.DEVNULL, start_new_session=True)
     exp = tmp_path / "smoke"
     try:
-        _wait_for(lambda: len(_finished_trials(exp / "confirm")) >= 1, 400, "a finished confirmation trial")
+        _wait_for(lambda: (exp / "confirm").is_dir() and _confirm_checkpointed(exp), 400,
+                  "a confirmation trial's first checkpoint")
     finally:
         os.killpg(first.pid, signal.SIGKILL)     # the driver and everything it started
         first.wait()
-    finished, confirmed = _finished_trials(exp), _finished_trials(exp / "confirm")
-    assert len(finished) == 4 and len(confirmed) < 4, "the sweep finished before it could be interrupted"
-    picked = _confirmed_configs(exp, confirmed)
+    assert not (exp / "sweep_end.json").exists(), "the sweep finished before it could be interrupted"
+    finished = _finished_trials(exp)
+    started = {folder.name for folder in (exp / "confirm").glob("*_0000*")}
+    assert len(finished) == 4 and started
 
     result = run_job("sweep.py", "--config", SMOKE, f"output_dir={tmp_path}", "cluster.num_cpus=2",
                      *confirm, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming the sweep" in result.stdout and "resuming the confirmation" in result.stdout
-    after, after_confirm = _finished_trials(exp), _finished_trials(exp / "confirm")
-    assert after == finished and len(after_confirm) == 4
-    for trial_id, lines in confirmed.items():            # not re-run: no new results
-        assert after_confirm[trial_id] == lines, trial_id
-    assert picked <= _confirmed_configs(exp, after_confirm) and len(_confirmed_configs(exp, after_confirm)) == 2
-    assert {t["trial_id"] for t in trial_table(exp)} == set(after) | set(after_confirm)
+    assert _finished_trials(exp) == finished           # the search: not re-run, no new results
+    confirmed = {folder.name for folder in (exp / "confirm").glob("*_0000*")}
+    # The same experiment continued (its trials kept), with the same candidates, to the end.
+    assert started <= confirmed and len(confirmed) == 4
+    assert _confirmed_configs(exp, started) <= _confirmed_configs(exp, confirmed)
+    assert len(_confirmed_configs(exp, confirmed)) == 2
+    table = trial_table(exp)
+    assert {t["trial_id"] for t in table} == set(finished) | confirmed
+    assert all(t["epochs"] == 3 for t in table if t["trial_id"] in confirmed)
     assert json.loads((exp / "best.json").read_text())["stage"] == "confirm"
