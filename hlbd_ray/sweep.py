@@ -138,17 +138,19 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
         train_storage=storage_join(experiment, "train"), worker_cpu=resources.worker_cpu)
     trainable = tune.with_resources(trainable, {"cpu": DRIVER_CPU})
     if candidates is None:
-        name, space = s.name, param_space(s)
+        storage, name, space = cfg.storage_path, s.name, param_space(s)
         search_alg, scheduler = build_searcher(s, resources.max_concurrent), build_scheduler(s, cfg.train.epochs)
         num_samples, budget = num_trials(s), s.time_budget_s or None
         # The basic generator enforces the limit itself (see build_searcher).
         limit = None if uses_basic_generator(s) else resources.max_concurrent
     else:
-        name = f"{s.name}/{CONFIRM_DIR}"
+        # Its own (storage_path, name) pair rather than a name with a slash: a restored
+        # experiment named "sweep/confirm" persisted its new trials nowhere (seen on Ray 2.60).
+        storage, name = experiment, CONFIRM_DIR
         space = confirm_space(candidates, first_copy=s.repeats, seeds=s.confirm.seeds)
         search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=resources.max_concurrent)
         scheduler, num_samples, budget, limit = FIFOScheduler(), 1, None, None
-    path = storage_join(cfg.storage_path, name)
+    path = storage_join(storage, name)
     if tune.Tuner.can_restore(path):
         stage = "the sweep" if candidates is None else "the confirmation"
         print(f"resuming {stage} in {path} (finished trials are kept)", flush=True)
@@ -159,7 +161,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
         scheduler=scheduler, max_concurrent_trials=limit, time_budget_s=budget,
         trial_dirname_creator=lambda trial: trial.trial_id)
     run_config = tune.RunConfig(
-        name=name, storage_path=cfg.storage_path, verbose=0, callbacks=callbacks,
+        name=name, storage_path=storage, verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=s.trial_max_failures))
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
