@@ -71,7 +71,7 @@ def bench_config(args: argparse.Namespace, out: Path) -> Config:
         f"train.max_steps={args.steps}", f"train.report_every_steps={args.report_every}",
         "train.precision=fp32", f"train.cpus_per_worker={args.threads}", "train.max_failures=0",
         "train.progress_bar=false", f"output_dir={out}",
-        "sweep.search=grid", "sweep.scheduler=fifo", "sweep.num_samples=1",
+        "sweep.search=grid", "sweep.scheduler=fifo", "sweep.num_samples=null",
         f"sweep.space.d_model=[{args.d_model}]", "sweep.space.num_heads=[4]",
         "sweep.space.lr_min=3e-4", "sweep.space.lr_max=3e-4", "sweep.space.lr_grid_points=1",
         "cluster.num_cpus=2"])

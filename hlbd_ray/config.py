@@ -142,6 +142,8 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     # Retries of a run from its last checkpoint after a worker failure.
     max_failures: int = 2
+    # Checkpoints kept per run: the best checkpoints_to_keep by sweep.metric (sweep.mode),
+    # plus always the newest, which a retry or a resumed run continues from.
     checkpoints_to_keep: int = 2
     progress_bar: bool = True
 
@@ -156,13 +158,32 @@ class SpaceConfig:
     lr_max: float = 3e-3
     # Grid search only: number of log-spaced learning rates between lr_min and lr_max.
     lr_grid_points: int = 3
+    # Explicit learning rates (empty: the range above): every searcher chooses among
+    # them and grid runs each, so searches over one finite space compare (bench/regret.py).
+    lr_values: List[float] = field(default_factory=list)
+
+
+@dataclass
+class ConfirmConfig:
+    """After the search, the top_k distinct configs (by their mean best sweep.metric) are
+    retrained from scratch at the full budget (every epoch, no early stopping), each with
+    `seeds` new train.seed values; the winner is the config with the best mean final
+    metric. top_k 0: no confirmation, the search's best trial is the answer."""
+
+    top_k: int = 3
+    seeds: int = 3
 
 
 @dataclass
 class SweepConfig:
     name: str = "sweep"
     search: Search = Search.random
-    num_samples: int = 8
+    # Sampled configs (random, optuna); None: 8. Grid search runs every point once and
+    # refuses a num_samples (copies of a point: sweep.repeats).
+    num_samples: Optional[int] = None
+    # Copies of every grid point or sampled config, copy i with train.seed + i; a searcher
+    # learns from the copies' mean. The trials table names each copy's seed.
+    repeats: int = 1
     # 0: as many as the cluster's resources allow at once.
     max_concurrent_trials: int = 0
     seed: int = 0
@@ -180,6 +201,15 @@ class SweepConfig:
     # minutes or 3x the slowest epoch seen. Train's worker-group start timeout follows it.
     stall_timeout_s: float = 0.0
     space: SpaceConfig = field(default_factory=SpaceConfig)
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
+
+
+DEFAULT_NUM_SAMPLES = 8
+
+
+def sampled_configs(s: SweepConfig) -> int:
+    """How many distinct configs a random or Optuna search samples."""
+    return s.num_samples if s.num_samples is not None else DEFAULT_NUM_SAMPLES
 
 
 @dataclass
@@ -338,10 +368,19 @@ def check_sweep(s: SweepConfig) -> None:
     _require(0 < sp.lr_min <= sp.lr_max and math.isfinite(sp.lr_max),
              f"sweep.space needs 0 < lr_min <= lr_max, got {sp.lr_min}, {sp.lr_max}")
     _require(sp.lr_grid_points >= 1, f"sweep.space.lr_grid_points must be >= 1, got {sp.lr_grid_points}")
-    _require(s.num_samples >= 1 and s.max_concurrent_trials >= 0 and s.time_budget_s >= 0
-             and s.stall_timeout_s >= 0,
-             "sweep.num_samples must be >= 1; max_concurrent_trials, time_budget_s, "
-             "stall_timeout_s >= 0")
+    _require(all(sp.lr_min <= v <= sp.lr_max for v in sp.lr_values),
+             f"sweep.space.lr_values must lie in [lr_min, lr_max], got {list(sp.lr_values)}")
+    _require(not (s.search == "grid" and s.num_samples is not None),
+             f"sweep.num_samples={s.num_samples} does not apply to grid search, which runs every "
+             "point once: drop it (sweep.num_samples=null); for copies with other seeds use "
+             "sweep.repeats")
+    _require((s.num_samples is None or s.num_samples >= 1) and s.repeats >= 1
+             and s.max_concurrent_trials >= 0 and s.time_budget_s >= 0 and s.stall_timeout_s >= 0,
+             "sweep.num_samples and sweep.repeats must be >= 1; max_concurrent_trials, "
+             "time_budget_s, stall_timeout_s >= 0")
+    _require(s.confirm.top_k >= 0 and s.confirm.seeds >= 1,
+             f"sweep.confirm.top_k must be >= 0 (0: off) and sweep.confirm.seeds >= 1, got "
+             f"{s.confirm.top_k} and {s.confirm.seeds}")
     _require(s.grace_period >= 1 and s.reduction_factor >= 2,
              "sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
     _require(bool(s.name) and "/" not in s.name and not s.name.startswith("."),
@@ -362,7 +401,7 @@ def validate(cfg: Config, sweep: bool = False) -> None:
     _positive(**{"train.lr": t.lr, "train.epochs": t.epochs,
                  "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                  "train.max_len_cap": t.max_len_cap, "train.report_every_steps": t.report_every_steps,
-                 "train.num_workers": t.num_workers,
+                 "train.num_workers": t.num_workers, "train.checkpoints_to_keep": t.checkpoints_to_keep,
                  "train.restart_period_epochs": t.restart_period_epochs,
                  "data.max_vocab": d.max_vocab, "report.points_per_epoch": cfg.report.points_per_epoch,
                  "report.every_s": cfg.report.every_s})

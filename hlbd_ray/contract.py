@@ -57,6 +57,10 @@ class Report:
     head_dim: int = _q(int, last=True)
     precision: str = _q(str)
     stop_reason: str = _q(str)                    # why the run stopped itself ("" if it did not)
+    seed: int = _q(int, last=True)                # train.seed of the run (a repeat's own seed)
+    # What Ray Train ranks this report's checkpoint by: the sweep metric, always finite
+    # (train.checkpoint_score); only epoch ends carry a checkpoint.
+    checkpoint_score: float = _q(float)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as Ray sends it (a shallow dict: the values are already plain)."""

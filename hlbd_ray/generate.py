@@ -19,8 +19,9 @@ import torch
 
 from hlbd_ray.checkpoint import CheckpointError, load_state
 from hlbd_ray.config import from_dict
-from hlbd_ray.data import EncodedSplit
+from hlbd_ray.data import EncodedSplit, iter_batches
 from hlbd_ray.errors import UserError
+from hlbd_ray.metrics import TokenCounts, count_tokens, token_loss_sum
 from hlbd_ray.model import ModelSpec, build_model
 from hlbd_ray.session import autocast, resolve_precision
 from hlbd_ray.tokenizer import PAD_ID, CharTokenizer
@@ -114,6 +115,18 @@ class Decoder:
         eos = self.tokenizer.eos_id
         return [(self.tokenizer.decode(tokens), tokens[-1:] == [eos])
                 for tokens in self.decode([self.prefix(p) for p in prompts])]
+
+    @torch.no_grad()
+    def validation_loss(self, split: EncodedSplit, loss_on: str = "answer", batch_size: int = 64) -> float:
+        """The token-weighted mean loss over `split`, as a run's validation computes it
+        (dropout off, the labels `loss_on` selects): a checkpoint re-scored on its own."""
+        counts = TokenCounts()
+        for batch in iter_batches(split, batch_size, seed=0, epoch=0, shuffle=False, loss_on=loss_on):
+            b = batch.to(self.device)
+            with autocast(self.precision, self.device):
+                logits = self.model(b.inputs)
+            counts.add(count_tokens(logits, b.labels, token_loss_sum(logits, b.labels)))
+        return counts.loss
 
     def exact_by_decoding(self, split: EncodedSplit) -> np.ndarray:
         """Per sequence of `split`: does greedy decoding reproduce its answer and [EOS]?

@@ -113,9 +113,8 @@ class PlacementGroupKeeper(LiveCallback):
 
     def __init__(self, every_s: float = 1.0, grace_s: float = 3.0):
         self.every_s, self.grace_s = every_s, grace_s
-        self.setup()
-
-    def setup(self, **info: Any) -> None:
+        # Counted over the sweep's whole life, so not in Tune's `setup`: a sweep with a
+        # confirmation stage runs two Tune experiments through this one keeper.
         self.ended: dict[str, float] = {}        # trial id -> when Tune reported its end
         self.first_seen: dict[str, float] = {}   # group id -> when we first listed it
         self.last_round = 0.0

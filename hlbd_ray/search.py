@@ -15,10 +15,15 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.repeater import TRIAL_INDEX, Repeater
 
-from hlbd_ray.config import SpaceConfig, SweepConfig, space_pairs
+from hlbd_ray.config import SpaceConfig, SweepConfig, sampled_configs, space_pairs
 
 ARCH_KEY, LR_KEY = "arch", "lr"
+# A trial's copy number: it runs with train.seed + copy. Tune's Repeater names it so; the
+# grid and the confirmation stage use the same key.
+REPEAT_KEY = TRIAL_INDEX
+STAGE_KEY = "stage"    # "confirm" in the confirmation stage's trials, absent in the search's
 
 
 def valid_pairs(space: SpaceConfig) -> list[str]:
@@ -32,6 +37,8 @@ def decode_arch(arch: str) -> tuple[int, int]:
 
 
 def lr_grid(space: SpaceConfig) -> list[float]:
+    if space.lr_values:
+        return [float(v) for v in space.lr_values]
     n = space.lr_grid_points
     if n == 1:
         return [space.lr_min]
@@ -44,8 +51,30 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
     pairs = valid_pairs(sweep.space)
     s = sweep.space
     if sweep.search == "grid":
-        return {ARCH_KEY: tune.grid_search(pairs), LR_KEY: tune.grid_search(lr_grid(s))}
-    return {ARCH_KEY: tune.choice(pairs), LR_KEY: tune.loguniform(s.lr_min, s.lr_max)}
+        space = {ARCH_KEY: tune.grid_search(pairs), LR_KEY: tune.grid_search(lr_grid(s))}
+        if sweep.repeats > 1:
+            space[REPEAT_KEY] = tune.grid_search(list(range(sweep.repeats)))
+        return space
+    lr = tune.choice(lr_grid(s)) if s.lr_values else tune.loguniform(s.lr_min, s.lr_max)
+    return {ARCH_KEY: tune.choice(pairs), LR_KEY: lr}
+
+
+def num_trials(sweep: SweepConfig) -> int:
+    """Tune's num_samples: grid points expand on their own (each once, its copies in the
+    grid); a sampled config comes `repeats` times."""
+    return 1 if sweep.search == "grid" else sampled_configs(sweep) * sweep.repeats
+
+
+def confirm_space(candidates: list[tuple[str, float]], first_copy: int, seeds: int) -> dict[str, Any]:
+    """Every candidate (arch, lr) once per seed; copy numbers from `first_copy` on, so the
+    confirmation never reuses a seed the search ran."""
+    def pick(i: int):
+        # The basic generator hands the whole spec ({"config": ...}) to the function.
+        return tune.sample_from(lambda spec: candidates[spec.get("config", spec)["candidate"]][i])
+
+    return {"candidate": tune.grid_search(list(range(len(candidates)))),
+            REPEAT_KEY: tune.grid_search(list(range(first_copy, first_copy + seeds))),
+            ARCH_KEY: pick(0), LR_KEY: pick(1), STAGE_KEY: "confirm"}
 
 
 class EpochOptunaSearch(OptunaSearch):
@@ -55,6 +84,16 @@ class EpochOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get(self.metric) is not None:
             super().on_trial_result(trial_id, result)
+
+
+class SeedRepeater(Repeater):
+    """Tune's Repeater (the searcher learns from the mean over a config's copies), where a
+    copy that ended without the metric counts as missing (nan) instead of failing."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs: Any) -> None:
+        if result is not None and result.get(self.searcher.metric) is None:
+            result = {k: v for k, v in result.items() if k != self.searcher.metric}
+        super().on_trial_complete(trial_id, result, **kwargs)
 
 
 class EpochASHA(AsyncHyperBandScheduler):
@@ -82,8 +121,20 @@ def build_searcher(sweep: SweepConfig, max_concurrent: int) -> Any:
     """
     if sweep.search == "optuna":
         # metric and mode come from TuneConfig (Tune refuses them in two places).
-        return EpochOptunaSearch(seed=sweep.seed)
-    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent)
+        searcher = EpochOptunaSearch(seed=sweep.seed)
+    elif sweep.search == "random" and sweep.repeats > 1:
+        # The basic generator cannot hand out one config several times; Optuna's random
+        # sampler draws the same distribution, and Repeater copies each draw.
+        from optuna.samplers import RandomSampler
+        searcher = EpochOptunaSearch(sampler=RandomSampler(seed=sweep.seed))
+    else:
+        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent)
+    return SeedRepeater(searcher, repeat=sweep.repeats) if sweep.repeats > 1 else searcher
+
+
+def uses_basic_generator(sweep: SweepConfig) -> bool:
+    """Whether build_searcher returns Tune's basic generator (which limits concurrency itself)."""
+    return sweep.search == "grid" or (sweep.search == "random" and sweep.repeats == 1)
 
 
 def build_scheduler(sweep: SweepConfig, max_epochs: int) -> Any:

@@ -10,11 +10,12 @@ from typing import Any, Callable
 
 from hlbd_ray.config import Config, to_yaml
 from hlbd_ray.contract import best_index
+from hlbd_ray.confirm import CONFIRM_STAGE, config_key, config_stats, format_report, verdict
 from hlbd_ray.console import BUDGET, COMPLETED, ERRORED, INTERRUPTED, NOT_RUN, STOPPED
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK
 from hlbd_ray.files import atomic_write_json, atomic_write_text
 from hlbd_ray.metrics import finite_or_none
-from hlbd_ray.search import ARCH_KEY, LR_KEY
+from hlbd_ray.search import ARCH_KEY, LR_KEY, REPEAT_KEY, STAGE_KEY
 
 END_FILE = "sweep_end.json"
 OUTCOME_WORDS = {COMPLETED: "completed", STOPPED: "stopped early by {scheduler}",
@@ -27,7 +28,9 @@ def final_table_rows(results: Any, metric: str, mode: str,
     """The final console table's rows, one per trial, from Tune's own results
     (independent of our report files).
 
-    `outcome(trial_id, errored)` names how the trial ended (see `console.SweepStatus`)."""
+    `outcome(trial_id, errored)` names how the trial ended (see `console.SweepStatus`).
+    The best values, `best_epoch` and `checkpoint` come from the trial's best epoch end
+    (the reports that carry a checkpoint); the `final_` ones from its last result."""
     rows = []
     for result in results:
         history = result.metrics_dataframe
@@ -37,34 +40,43 @@ def final_table_rows(results: Any, metric: str, mode: str,
         errored = bool(result.error)
         row: dict[str, Any] = {
             "trial_id": trial_id, "arch": config.get(ARCH_KEY), "lr": config.get(LR_KEY),
+            "stage": config.get(STAGE_KEY) or "search", "repeat": config.get(REPEAT_KEY) or 0,
+            "seed": last.get("seed"),
             "status": outcome(trial_id, errored) if outcome else (ERRORED if errored else COMPLETED),
             "epochs": last.get("epochs_done", 0), "time_s": last.get("time_total_s"),
             "best_metric": None, "best_val_loss": None, "best_val_ppl": None, "best_val_acc": None,
-            "checkpoint": last.get("checkpoint_path"), "note": last.get("stop_reason") or "",
+            "best_val_exact": None, "best_epoch": None, "checkpoint": None,
+            "final_metric": finite_or_none(last.get(metric)),
+            "final_val_loss": finite_or_none(last.get("val_loss")),
+            "final_val_exact": finite_or_none(last.get("val_exact")),
+            "note": last.get("stop_reason") or "",
         }
         if result.error:
             row["note"] = str(result.error).strip().splitlines()[-1][:200]
-        best_at = best_index(history[metric].tolist(), mode) \
-            if history is not None and metric in history else None
+        ends = history[history["epoch_end"] == True] if history is not None and "epoch_end" in history else None  # noqa: E712
+        best_at = best_index(ends[metric].tolist(), mode) if ends is not None and metric in ends else None
         if best_at is not None:
-            best = history.iloc[best_at]
+            best = ends.iloc[best_at]
             row.update(best_metric=finite_or_none(best[metric]),
                        best_val_loss=finite_or_none(best.get("val_loss")),
                        best_val_ppl=finite_or_none(best.get("val_ppl")),
-                       best_val_acc=finite_or_none(best.get("val_acc")))
+                       best_val_acc=finite_or_none(best.get("val_acc")),
+                       best_val_exact=finite_or_none(best.get("val_exact")),
+                       best_epoch=int(best["epoch"]), checkpoint=best.get("checkpoint_path"))
         rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = f"{'trial':<12} {'arch':<8} {'lr':>9} {'status':<11} {'epochs':>6} {'val_loss':>9} " \
-             f"{'val_ppl':>9} {'val_acc':>8} {'time_s':>7}  note"
+    header = f"{'trial':<12} {'stage':<7} {'arch':<8} {'lr':>9} {'seed':>4} {'status':<11} " \
+             f"{'epochs':>6} {'val_loss':>9} {'val_ppl':>9} {'val_acc':>8} {'time_s':>7}  note"
     print("\n" + header)
     for r in rows:
         def num(key: str, spec: str) -> str:
             value = r.get(key)
             return "-" if value is None or value != value else format(value, spec)
-        print(f"{r['trial_id']:<12} {r['arch'] or '-':<8} {num('lr', '.2e'):>9} {r['status']:<11} "
+        print(f"{r['trial_id']:<12} {r['stage']:<7} {r['arch'] or '-':<8} {num('lr', '.2e'):>9} "
+              f"{num('seed', 'd'):>4} {r['status']:<11} "
               f"{r['epochs']:>6} {num('best_val_loss', '.4f'):>9} {num('best_val_ppl', '.3f'):>9} "
               f"{num('best_val_acc', '.4f'):>8} {num('time_s', '.0f'):>7}  {r['note']}")
 
@@ -93,7 +105,15 @@ def finish(cfg: Config, results: Any, exp_dir: Path, outcome: Callable[[str, boo
     print_table(rows)
     counts = outcome_counts(rows)
     print("\n" + outcome_line(counts, s.scheduler))
-    best = save_best(cfg, rows, exp_dir, "so far" if stopped_by else "")
+    # A confirmation cut short names no winner: its unfinished trials' last values are
+    # not final ones (the search's best stands, "so far").
+    confirmed = [r for r in rows if r["stage"] == CONFIRM_STAGE and r["status"] == COMPLETED]
+    confirmation = None
+    if confirmed and not stopped_by:
+        stats = config_stats(confirmed, s.metric, str(s.mode))
+        confirmation = {"stats": stats, **verdict(stats)}
+        print(format_report(stats, confirmation, s.metric))
+    best = save_best(cfg, rows, exp_dir, "so far" if stopped_by else "", confirmation)
     errored = [r for r in rows if r["status"] == ERRORED]
     code = EXIT_OK
     if stopped_by:
@@ -107,21 +127,42 @@ def finish(cfg: Config, results: Any, exp_dir: Path, outcome: Callable[[str, boo
     return code
 
 
-def save_best(cfg: Config, rows: list[dict[str, Any]], exp_dir: Path, qualifier: str) -> dict | None:
+BEST_KEYS = ("trial_id", "arch", "lr", "seed", "best_epoch", "checkpoint", "best_metric",
+             "best_val_loss", "best_val_ppl", "best_val_acc", "best_val_exact", "epochs")
+
+
+def save_best(cfg: Config, rows: list[dict[str, Any]], exp_dir: Path, qualifier: str,
+              confirmation: dict[str, Any] | None = None) -> dict | None:
+    """best_config.yaml and best.json: the confirmed winner when the confirmation stage
+    named one, else the search's best trial. The trial, epoch and checkpoint are those of
+    the best validation score (over every epoch) among that config's trials."""
     from hlbd_ray.sweep import trial_config
 
     s = cfg.sweep
-    at = best_index([r["best_metric"] for r in rows], s.mode)
-    if at is None:
+    pick = min if s.mode == "min" else max
+    search = [r for r in rows if r["stage"] != CONFIRM_STAGE and r["best_metric"] is not None]
+    pool, stage = search, "search"
+    winner = confirmation["stats"][0] if confirmation and confirmation.get("winner") else None
+    if winner is not None:
+        pool = [r for r in rows if r["stage"] == CONFIRM_STAGE and r["best_metric"] is not None
+                and config_key(r) == (winner["arch"], winner["lr"])]
+        stage = CONFIRM_STAGE
+    if not pool:
         return None
-    best = rows[at]
-    best_cfg = trial_config(cfg, {ARCH_KEY: best["arch"], LR_KEY: best["lr"]})
+    best = pick(pool, key=lambda r: r["best_metric"])
+    best_cfg = trial_config(cfg, {ARCH_KEY: best["arch"], LR_KEY: best["lr"], REPEAT_KEY: best["repeat"]})
     atomic_write_text(exp_dir / "best_config.yaml", to_yaml(best_cfg))
-    atomic_write_json(exp_dir / "best.json", {k: best[k] for k in (
-        "trial_id", "arch", "lr", "best_metric", "best_val_loss", "best_val_ppl", "best_val_acc",
-        "epochs", "checkpoint")})
+    record: dict[str, Any] = {"stage": stage, "metric": s.metric, "mode": str(s.mode),
+                              **{k: best[k] for k in BEST_KEYS}}
+    if search:
+        top = pick(search, key=lambda r: r["best_metric"])
+        record["search_best"] = {k: top[k] for k in ("trial_id", "arch", "lr", "seed", "best_metric")}
+    if confirmation:
+        record["confirmation"] = confirmation
+    atomic_write_json(exp_dir / "best.json", record)
     label = f"best trial {qualifier}".strip()
-    print(f"\n{label} {best['trial_id']}: {best['arch']} lr {best['lr']:.3e} "
-          f"{s.metric} {best['best_metric']:.4f}\n  config     {exp_dir / 'best_config.yaml'}\n"
-          f"  checkpoint {best['checkpoint']}")
+    chosen = "the confirmation's winner" if stage == CONFIRM_STAGE else "the search's best"
+    print(f"\n{label} ({chosen}) {best['trial_id']}: {best['arch']} lr {best['lr']:.3e} seed {best['seed']} "
+          f"epoch {best['best_epoch']} {s.metric} {best['best_metric']:.4f}\n"
+          f"  config     {exp_dir / 'best_config.yaml'}\n  checkpoint {best['checkpoint']}")
     return best

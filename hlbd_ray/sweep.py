@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ray import tune
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from hlbd_ray import live
 from hlbd_ray.cli import parse_job_args
@@ -25,9 +27,13 @@ from hlbd_ray.lifecycle import (STALL_FLOOR_S, Interrupt, StallWatchdog, SweepIn
                                 resume_hint)
 from hlbd_ray.placement import PlacementGroupKeeper, describe, trial_tag
 from hlbd_ray.summary import finish
-from hlbd_ray.search import (ARCH_KEY, LR_KEY, build_scheduler, build_searcher, decode_arch,
-                             param_space)
+from hlbd_ray.search import (ARCH_KEY, LR_KEY, REPEAT_KEY, build_scheduler, build_searcher,
+                             confirm_space, decode_arch, num_trials, param_space,
+                             uses_basic_generator)
 from hlbd_ray.trainer import build_trainer, preflight, runs_that_fit, storage_join, user_error_in
+from hlbd_ray.confirm import candidates as confirm_candidates
+
+CONFIRM_DIR = "confirm"   # the confirmation stage's Tune experiment, inside the sweep's folder
 
 # The per-trial driver actor only waits on its Train run; it gets a sliver of a CPU so
 # that trials never hold the CPUs their own workers need (the few-CPU deadlock).
@@ -60,11 +66,13 @@ def plan_resources(cfg: Config, cluster: dict[str, float]) -> TrialResources:
 
 
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
-    """The run config of one trial: the base config with its sampled architecture and lr."""
+    """The run config of one trial: the base config with its sampled architecture and lr,
+    and copy number n of a config trains with train.seed + n."""
     d_model, num_heads = decode_arch(params[ARCH_KEY])
     check_heads(d_model, num_heads)
     model = replace(base.model, d_model=d_model, num_heads=num_heads)
-    return replace(base, model=model, train=replace(base.train, lr=float(params[LR_KEY])))
+    seed = base.train.seed + int(params.get(REPEAT_KEY) or 0)
+    return replace(base, model=model, train=replace(base.train, lr=float(params[LR_KEY]), seed=seed))
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], train_storage: str,
@@ -81,17 +89,34 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
     trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
                             worker_cpu=worker_cpu, label_selector=mark)
     try:
-        trainer.fit()
+        result = trainer.fit()
     except TrainingFailedError as err:
         cause = user_error_in(err)
         if cause is None:
             raise      # Tune records the Train error, whose last line names the cause
         # A user error inside a worker (e.g. a refused checkpoint): its one line is enough.
         raise RuntimeError(str(cause)) from None
+    if result.metrics:
+        # Train's own record of the last epoch end, once more, through Tune's session: the
+        # callback's last report can miss Tune when the run ends right after it (seen: a
+        # confirmation trial's final epoch never reached Tune). Same shape as the train
+        # loop's repeat after a resume: no batch losses, so no curve counts it twice.
+        final = {**result.metrics, "batch_losses": [], "batch_start": result.metrics.get("batch", 0)}
+        if result.checkpoint is not None:
+            final["checkpoint_path"] = result.checkpoint.path
+        tune.report(final)
 
 
-def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks: list[Any]):
-    """A new Tuner, or the restored one when the experiment already exists in storage."""
+def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks: list[Any],
+                candidates: list[tuple[str, float]] | None = None):
+    """A new Tuner, or the restored one when the experiment already exists in storage.
+
+    With `candidates`, the confirmation stage: a second Tune experiment in the sweep's
+    folder (`<sweep>/confirm`), every candidate once per fresh seed, FIFO, the same
+    trainable, resources and callbacks (so one report and one dashboard show both
+    stages). Being its own experiment, it resumes on its own; the candidates are a
+    function of the finished search, so a resumed sweep rebuilds the same space.
+    """
     s = cfg.sweep
     experiment = storage_join(cfg.storage_path, s.name)
     # The data ref travels inside a list so Tune hands the reference, not the data, to
@@ -100,22 +125,33 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
         run_trial, base=to_dict(cfg), data=[data_ref],
         train_storage=storage_join(experiment, "train"), worker_cpu=resources.worker_cpu)
     trainable = tune.with_resources(trainable, {"cpu": DRIVER_CPU})
-    if tune.Tuner.can_restore(experiment):
-        print(f"resuming the sweep in {experiment} (finished trials are kept)", flush=True)
-        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
-                                  resume_errored=True, param_space=param_space(s))
-    tune_config = tune.TuneConfig(
-        metric=s.metric, mode=str(s.mode), num_samples=s.num_samples,
-        search_alg=build_searcher(s, resources.max_concurrent), scheduler=build_scheduler(s, cfg.train.epochs),
+    if candidates is None:
+        storage, name, space = cfg.storage_path, s.name, param_space(s)
+        search_alg, scheduler = build_searcher(s, resources.max_concurrent), build_scheduler(s, cfg.train.epochs)
+        num_samples, budget = num_trials(s), s.time_budget_s or None
         # The basic generator enforces the limit itself (see build_searcher).
-        max_concurrent_trials=resources.max_concurrent if s.search == "optuna" else None,
-        time_budget_s=s.time_budget_s or None,
+        limit = None if uses_basic_generator(s) else resources.max_concurrent
+    else:
+        # Its own (storage_path, name) pair rather than a name with a slash: a restored
+        # experiment named "sweep/confirm" persisted its new trials nowhere (seen on Ray 2.60).
+        storage, name = experiment, CONFIRM_DIR
+        space = confirm_space(candidates, first_copy=s.repeats, seeds=s.confirm.seeds)
+        search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=resources.max_concurrent)
+        scheduler, num_samples, budget, limit = FIFOScheduler(), 1, None, None
+    path = storage_join(storage, name)
+    if tune.Tuner.can_restore(path):
+        stage = "the sweep" if candidates is None else "the confirmation"
+        print(f"resuming {stage} in {path} (finished trials are kept)", flush=True)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True,
+                                  resume_errored=True, param_space=space)
+    tune_config = tune.TuneConfig(
+        metric=s.metric, mode=str(s.mode), num_samples=num_samples, search_alg=search_alg,
+        scheduler=scheduler, max_concurrent_trials=limit, time_budget_s=budget,
         trial_dirname_creator=lambda trial: trial.trial_id)
     run_config = tune.RunConfig(
-        name=s.name, storage_path=cfg.storage_path, verbose=0, callbacks=callbacks,
+        name=name, storage_path=storage, verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=s.trial_max_failures))
-    return tune.Tuner(trainable, param_space=param_space(s), tune_config=tune_config,
-                      run_config=run_config)
+    return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
 
 @dataclass
@@ -169,17 +205,23 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
     try:
         require_state_api()
         resources = plan_resources(cfg, ray.cluster_resources())
-        print(f"sweep {s.name}: {s.num_samples} samples, {s.search} search, {s.scheduler} scheduler, "
-              f"up to {resources.max_concurrent} trials at once; reports in {report_dir}", flush=True)
+        confirm = (f", then {s.confirm.top_k} configs x {s.confirm.seeds} seeds confirmed"
+                   if s.confirm.top_k else "")
+        print(f"sweep {s.name}: {num_trials(s)} trials, {s.search} search, {s.scheduler} scheduler"
+              f"{confirm}, up to {resources.max_concurrent} trials at once; reports in {report_dir}",
+              flush=True)
         status = live.register("status", SweepStatus(s.metric, s.mode, max_epochs=cfg.train.epochs,
                                                      scheduler=s.scheduler))
         keeper = live.register("placements", PlacementGroupKeeper())
         watchdog = live.register("watchdog", StallWatchdog(interrupt, s.stall_timeout_s))
         callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
                                       data.dataset_stats), status, keeper, watchdog, *hooks.callbacks]
-        tuner = build_tuner(cfg, ray.put(data), resources, callbacks)
+        data_ref = ray.put(data)
+        tuner = build_tuner(cfg, data_ref, resources, callbacks)
         with interrupt.tune_fit():
-            results = tuner.fit()
+            results = list(tuner.fit())
+        if s.confirm.top_k and not interrupt.reason:
+            results += confirm_stage(cfg, results, data_ref, resources, callbacks, interrupt)
         left = keeper.settle()
         for group in left:
             print(f"placement group left after the sweep: {describe(group)}", file=sys.stderr)
@@ -194,6 +236,23 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
     finally:
         live.clear()
         ray.shutdown()
+
+
+def confirm_stage(cfg: Config, search: list[Any], data_ref: Any, resources: TrialResources,
+                  callbacks: list[Any], interrupt: Interrupt) -> list[Any]:
+    """Retrain the search's top configs over fresh seeds (confirm.py); their results."""
+    from hlbd_ray.summary import trial_rows
+
+    s = cfg.sweep
+    picked = confirm_candidates(trial_rows(search, s.metric, str(s.mode)), s.confirm.top_k, str(s.mode))
+    if not picked:
+        print("confirmation skipped: no search trial has a validation score", file=sys.stderr)
+        return []
+    print(f"confirmation: {len(picked)} configs x {s.confirm.seeds} seeds at the full "
+          f"{cfg.train.epochs} epochs: " + ", ".join(f"{a} lr {lr:.2e}" for a, lr in picked), flush=True)
+    tuner = build_tuner(cfg, data_ref, resources, callbacks, candidates=picked)
+    with interrupt.tune_fit():
+        return list(tuner.fit())
 
 
 def main(argv: list[str]) -> int:

@@ -51,6 +51,19 @@ def train_locally(cfg: Config, data: PreparedData, run_dir: str | Path,
     return session
 
 
+# Ray Train's retention multiplies the score by -1 for mode "min" and fails on None, and
+# reports must be JSON (no inf): a missing or non-finite metric ranks as this, the worst.
+WORST_SCORE = {"min": 1e300, "max": -1e300}
+
+
+def checkpoint_score(val: dict[str, Any], metric: str, mode: str) -> float:
+    """The validation metric a checkpoint is kept by, always a finite number."""
+    value = val.get(metric)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return WORST_SCORE[mode]
+
+
 # --- the run's state: everything a checkpoint must carry besides tensors ----------------
 
 
@@ -293,7 +306,8 @@ class TrainRun:
             skipped_steps=p.skipped_steps, **p.val,
             d_model=self.spec.d_model, num_heads=self.spec.num_heads,
             head_dim=self.spec.d_model // self.spec.num_heads,
-            precision=self.precision, stop_reason=p.stop_reason,
+            precision=self.precision, stop_reason=p.stop_reason, seed=self.t.seed,
+            checkpoint_score=checkpoint_score(p.val, self.cfg.sweep.metric, str(self.cfg.sweep.mode)),
         ).to_dict()
 
     # --- checkpoint state ---------------------------------------------------------------

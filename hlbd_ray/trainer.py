@@ -105,7 +105,11 @@ def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
     run_config = RunConfig(
         name=name, storage_path=storage_path,
         failure_config=FailureConfig(max_failures=t.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+        # The best `checkpoints_to_keep` by the validation metric; Ray Train also never
+        # deletes the newest one, which is what a retry or a resumed trial continues from.
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=t.checkpoints_to_keep, checkpoint_score_attribute="checkpoint_score",
+            checkpoint_score_order=str(cfg.sweep.mode)),
         callbacks=callbacks or [],
         # Ray Train logs every report at INFO; our metrics file and reports hold them.
         logging_config=LoggingConfig(log_level="WARNING"))

@@ -113,3 +113,37 @@ def test_load_smoke() -> None:
     assert result["all_rows"] is True and result["trials"] == [2, 4]
     check({"growth": result["rss_growth_mb_per_trial"], "peak": max(result["peak_rss_mb"])},
           {"growth"}, {"peak"})
+
+
+@pytest.mark.slow
+def test_regret_smoke() -> None:
+    result = run_smoke("regret.py", timeout=240)
+    check(result, {"seed_noise", "search_regret", "confirmed_regret"},
+          {"grid_cpu_s", "search_cpu_ratio", "confirmed_cpu_ratio"})
+    assert result["configs"] == 2 and result["search_regret"] >= 0 and result["confirmed_regret"] >= 0
+    # The confirmation adds trials: it never costs less than the search it confirms.
+    assert result["confirmed_cpu_ratio"] > result["search_cpu_ratio"]
+
+
+def test_regret_counts_in_seed_noise_against_the_one_seed_grid() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("regret", BENCH / "regret.py")
+    regret = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(regret)
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def trial(heads, lr, copy, loss, seconds):
+        return {"d_model": 64, "num_heads": heads, "lr": lr, "last_val_loss": loss, "time_total_s": seconds,
+                "config_json": json.dumps({"arch": f"64x{heads}", "lr": lr, "__trial_index__": copy})}
+
+    grid = [trial(2, 1e-3, 0, 1.0, 10), trial(2, 1e-3, 1, 1.2, 10),     # mean 1.1, var 0.02
+            trial(4, 1e-3, 0, 1.4, 20), trial(4, 1e-3, 1, 1.6, 20)]     # mean 1.5, var 0.02
+    truth, noise, grid_cpu = regret.ground_truth(grid)
+    assert truth == pytest.approx({("64x2", 1e-3): 1.1, ("64x4", 1e-3): 1.5})
+    assert noise == pytest.approx(math.sqrt(0.02)) and grid_cpu == 30     # first copies only
+    assert regret.regret_of({"arch": "64x2", "lr": 1e-3}, truth, noise) == 0
+    assert regret.regret_of({"arch": "64x4", "lr": 1e-3}, truth, noise) == pytest.approx(0.4 / math.sqrt(0.02))

@@ -111,6 +111,12 @@ def test_overrides_win_over_the_file_and_defaults_fill_the_rest():
      "no valid pair: no num_heads in [3, 5, 12] divides any d_model in [256] "
      "(d_model=256 allows num_heads in [1, 2, 4, 8, 16, 32, 64, 128, 256])"),
     (["sweep.num_samples=0"], "num_samples"),
+    (["sweep.search=grid", "sweep.num_samples=4"],
+     "sweep.num_samples=4 does not apply to grid search, which runs every point once"),
+    (["sweep.repeats=0"], "sweep.repeats must be >= 1"),
+    (["sweep.confirm.top_k=-1"], "sweep.confirm.top_k must be >= 0"),
+    (["sweep.confirm.seeds=0"], "sweep.confirm.seeds >= 1"),
+    (["train.checkpoints_to_keep=0"], "train.checkpoints_to_keep must be > 0"),
     (["sweep.reduction_factor=1"], "reduction_factor"),
     (["sweep.name=../escape"], "plain folder name"),
 ])

@@ -99,7 +99,7 @@ def test_greedy_decoding_matches_val_exact_in_bf16_up_to_1_answer_in_200(tmp_pat
 def test_the_decoding_prefix_is_the_training_layout(micro_data):
     decoder = Decoder(torch.nn.Identity(), micro_data.build_tokenizer(), 96, "fp32", torch.device("cpu"))
     pairs, _ = load_pairs([], 24, 0)
-    split, _ = encode_pairs(pairs, decoder.tokenizer, 96)
+    split = encode_pairs(pairs, decoder.tokenizer, 96)
     for i, pair in enumerate(pairs):
         assert decoder.prefix(pair.prompt) == split.sequence(i)[:split.answer_starts[i]].tolist()
 

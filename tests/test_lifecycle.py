@@ -22,7 +22,7 @@ from .conftest import REPO, RAY_TEST_ENV, run_job
 pytestmark = pytest.mark.slow
 SMOKE = str(REPO / "conf" / "smoke.yaml")
 # Two trials at once, every epoch run (no early stop), long enough to be interrupted.
-TWO_TRIALS = ["cluster.num_cpus=2", "sweep.num_samples=1", "sweep.scheduler=fifo",
+TWO_TRIALS = ["cluster.num_cpus=2", "sweep.num_samples=null", "sweep.scheduler=fifo",
               "sweep.space.num_heads=[2,4]", "sweep.search=grid", "sweep.space.lr_grid_points=1"]
 
 

@@ -8,8 +8,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from hlbd_ray.config import SpaceConfig, SweepConfig
 from hlbd_ray.errors import UserError
-from hlbd_ray.search import (EpochASHA, EpochOptunaSearch, build_scheduler, build_searcher,
-                             decode_arch, lr_grid, param_space, valid_pairs)
+from hlbd_ray.search import (REPEAT_KEY, STAGE_KEY, EpochASHA, EpochOptunaSearch, build_scheduler,
+                             build_searcher, confirm_space, decode_arch, lr_grid, num_trials,
+                             param_space, valid_pairs)
 
 
 def test_only_dividing_pairs_are_in_the_space():
@@ -104,3 +105,74 @@ def test_a_fixed_seed_reproduces_the_sampled_configs():
     assert first == sampled_configs(SweepConfig(seed=3), 6)
     assert first != sampled_configs(SweepConfig(seed=4), 6)
     assert all(decode_arch(a)[0] % decode_arch(a)[1] == 0 and 1e-4 <= lr <= 3e-3 for a, lr in first)
+
+
+# --- grid points once, copies with their own seeds --------------------------------------
+
+
+def launched(sweep: SweepConfig, limit: int = 100) -> list[dict]:
+    """Every trial config the sweep's searcher would launch (no cluster needed)."""
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import SearchGenerator
+
+    searcher = build_searcher(sweep, 0)
+    if not isinstance(searcher, BasicVariantGenerator):
+        searcher.set_search_properties(sweep.metric, str(sweep.mode), param_space(sweep))
+        searcher = SearchGenerator(searcher)
+    searcher.add_configurations([Experiment("x", run=lambda config: None, config=param_space(sweep),
+                                            num_samples=num_trials(sweep))])
+    configs = []
+    while len(configs) < limit and not searcher.is_finished():
+        trial = searcher.next_trial()
+        if trial is None:
+            break
+        configs.append(trial.config)
+    return configs
+
+
+def test_grid_runs_every_point_once():
+    sweep = SweepConfig(search="grid", space=SpaceConfig(d_model=[64], num_heads=[2, 4], lr_grid_points=3))
+    configs = launched(sweep)
+    points = [(c["arch"], c["lr"]) for c in configs]
+    assert len(points) == 6 and len(set(points)) == 6 and all(REPEAT_KEY not in c for c in configs)
+
+
+@pytest.mark.parametrize("search", ["grid", "random", "optuna"])
+def test_repeats_copy_every_config_with_distinct_copy_numbers(search):
+    space = SpaceConfig(d_model=[64], num_heads=[2, 4], lr_grid_points=2)
+    sweep = SweepConfig(search=search, num_samples=None if search == "grid" else 3, repeats=2, space=space)
+    configs = launched(sweep)
+    by_config: dict[tuple, list[int]] = {}
+    for c in configs:
+        by_config.setdefault((c["arch"], c["lr"]), []).append(c[REPEAT_KEY])
+    assert len(configs) == (8 if search == "grid" else 6)
+    assert all(sorted(copies) == [0, 1] for copies in by_config.values()), by_config
+
+
+def test_a_copy_without_the_metric_does_not_break_the_repeater():
+    sweep = SweepConfig(search="optuna", num_samples=2, repeats=2)
+    repeater = build_searcher(sweep, 0)
+    repeater.set_search_properties("val_loss", "min", param_space(sweep))
+    repeater.suggest("a"), repeater.suggest("b")
+    repeater.on_trial_complete("a", {"val_loss": None})       # stopped before any validation
+    repeater.on_trial_complete("b", {"val_loss": 1.5})         # must not raise
+
+
+def test_the_confirmation_space_runs_each_candidate_once_per_fresh_seed():
+    from ray.tune.experiment import Experiment
+
+    generator = BasicVariantGenerator(random_state=0)
+    picked = [("64x2", 1e-3), ("64x4", 3e-4)]
+    generator.add_configurations([Experiment("x", run=lambda config: None,
+                                             config=confirm_space(picked, first_copy=2, seeds=3))])
+    configs = [t.config for t in iter(generator.next_trial, None)]
+    got = sorted((c["arch"], c["lr"], c[REPEAT_KEY], c[STAGE_KEY]) for c in configs)
+    assert got == sorted((a, lr, n, "confirm") for a, lr in picked for n in (2, 3, 4))
+
+
+def test_explicit_learning_rates_are_the_only_ones_any_searcher_launches():
+    space = SpaceConfig(d_model=[64], num_heads=[2, 4], lr_values=[1e-4, 1e-3])
+    assert sorted({c["lr"] for c in launched(SweepConfig(search="grid", space=space))}) == [1e-4, 1e-3]
+    for search in ("random", "optuna"):
+        configs = launched(SweepConfig(search=search, num_samples=6, space=space))
+        assert len(configs) == 6 and {c["lr"] for c in configs} <= {1e-4, 1e-3}

@@ -15,8 +15,11 @@ import pytest
 import ray
 
 from hlbd_ray.config import load_config
+from hlbd_ray.data import prepare_data
+from hlbd_ray.generate import Decoder
 from hlbd_ray.errors import EXIT_USER_ERROR, UserError, run_cli
 from hlbd_ray.console import SweepStatus, status_line
+from hlbd_ray.search import REPEAT_KEY
 from hlbd_ray.sweep import DRIVER_CPU, main, plan_resources, trial_config
 
 from .conftest import REPO, RAY_TEST_ENV, run_job
@@ -63,6 +66,12 @@ def test_a_trial_config_decodes_its_architecture_and_lr():
     assert (cfg.model.d_model, cfg.model.num_heads, cfg.train.lr) == (32, 2, 0.01)
 
 
+def test_copy_n_of_a_config_trains_with_seed_plus_n():
+    base = smoke("train.seed=10")
+    seeds = [trial_config(base, {"arch": "32x2", "lr": 0.01, REPEAT_KEY: n}).train.seed for n in range(3)]
+    assert seeds == [10, 11, 12] and trial_config(base, {"arch": "32x2", "lr": 0.01}).train.seed == 10
+
+
 def test_status_line_counts_trials_and_names_the_best_so_far():
     class T:
         def __init__(self, tid, status):
@@ -88,6 +97,7 @@ def test_status_line_counts_trials_and_names_the_best_so_far():
     (["sweep.search=bayes"], "sweep.search"),
     (["sweep.space.lr_min=0"], "lr_min"),
     (["sweep.space.lr_min=1e-6"], "below train.min_lr"),
+    (["sweep.search=grid"], "does not apply to grid search"),   # smoke.yaml sets num_samples
 ])
 def test_invalid_spaces_exit_2_without_starting_ray(tmp_path, capsys, overrides, fragment):
     code = run_cli(main, ["--config", SMOKE, f"output_dir={tmp_path}", *overrides])
@@ -105,23 +115,44 @@ def trial_table(report_dir: Path):
 
 @pytest.mark.slow
 def test_smoke_sweep_end_to_end(tmp_path):
-    result = run_job("sweep.py", "--config", SMOKE, f"output_dir={tmp_path}",
-                     "cluster.num_cpus=2", timeout=300)
+    # With the confirmation stage (2 configs x 2 seeds) and one checkpoint kept by score:
+    # retention must still keep each trial's best epoch, beside the newest.
+    result = run_job("sweep.py", "--config", SMOKE, f"output_dir={tmp_path}", "cluster.num_cpus=2",
+                     "sweep.confirm.top_k=2", "sweep.confirm.seeds=2", "train.checkpoints_to_keep=1",
+                     timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = tmp_path / "smoke"
     trials = trial_table(exp)
-    assert len(trials) == 4
+    search = [t for t in trials if t["config.stage"] is None]
+    confirm = [t for t in trials if t["config.stage"] == "confirm"]
+    assert len(search) == 4 and len(confirm) == 4
     assert all(t["d_model"] % t["num_heads"] == 0 and t["head_dim"] == t["d_model"] // t["num_heads"]
                for t in trials)
     # ASHA (grace 1 epoch, factor 2) stopped at least one trial before its last epoch.
-    assert any(t["epochs_done"] < 3 for t in trials) and any(t["epochs_done"] == 3 for t in trials)
+    assert any(t["epochs_done"] < 3 for t in search) and any(t["epochs_done"] == 3 for t in search)
+    # The confirmation: 2 distinct configs, each on 2 seeds the search never used, all epochs.
+    configs = {(t["d_model"], t["num_heads"], t["lr"]) for t in confirm}
+    assert len(configs) == 2 and all(t["epochs_done"] == 3 for t in confirm)
+    assert {t["seed"] for t in confirm} == {1, 2} and {t["seed"] for t in search} == {0}
     best = json.loads((exp / "best.json").read_text())
-    assert best["best_val_loss"] == min(t["best_val_loss"] for t in trials)
+    stats = best["confirmation"]["stats"]
+    assert best["stage"] == "confirm" and (best["arch"], best["lr"]) == (stats[0]["arch"], stats[0]["lr"])
+    assert best["search_best"]["best_metric"] == min(t["best_val_loss"] for t in search)
+    mine = [t for t in confirm if f"{t['d_model']}x{t['num_heads']}" == best["arch"] and t["lr"] == best["lr"]]
+    assert best["best_val_loss"] == min(t["best_val_loss"] for t in mine)
+    assert "lead_beyond_noise" in best["confirmation"] and "Welch" in best["confirmation"]["rule"]
     best_cfg = load_config(exp / "best_config.yaml")          # a loadable training config
-    assert best_cfg.model.d_model % best_cfg.model.num_heads == 0
+    assert (f"{best_cfg.model.d_model}x{best_cfg.model.num_heads}", best_cfg.train.lr) == (best["arch"], best["lr"])
     report = json.loads((exp / "dataset_report.json").read_text())   # written before training
     assert best_cfg.train.max_len == report["max_len"] and report["split"]["val_with_train_twin"] == 0
-    assert Path(best["checkpoint"]).is_dir()
+    # The named checkpoint is the one of the best epoch: re-scored on the validation
+    # split it gives the val_loss best.json reports.
+    data = prepare_data(best_cfg.data, best_cfg.train.max_len)
+    decoder = Decoder.load(best["checkpoint"])
+    assert abs(decoder.validation_loss(data.val, str(best_cfg.train.loss_on)) - best["best_val_loss"]) < 1e-4
+    # Retention: the best by score plus the newest, never more.
+    for folder in (exp / "train").iterdir():
+        assert 1 <= len(list(folder.glob("checkpoint_*"))) <= 2, folder
     for name in ("curves.parquet", "epochs.parquet", "experiment_report.json"):
         assert (exp / "report" / name).is_file()
     # Validation per module: in Tune's results as nested keys, and in modules.parquet.
@@ -134,10 +165,11 @@ def test_smoke_sweep_end_to_end(tmp_path):
     rows = pq.read_table(exp / "report" / "modules.parquet").to_pylist()
     assert {r["module"] for r in rows} == modules and {r["metric"] for r in rows} == {"loss", "exact"}
     assert "best trial" in result.stdout and "[sweep" in result.stdout
+    assert "confirmation:" in result.stdout and "seed noise" in result.stdout
     # A console a new user can read: a line per trial start and end, the outcome counts,
     # and none of the Ray tracebacks or cleaner chatter of trials being stopped.
     out = result.stdout + result.stderr
-    assert result.stdout.count(" started: ") == 4 and "trials: 4 = " in result.stdout
+    assert result.stdout.count(" started: ") == 8 and "trials: 8 = " in result.stdout
     assert "stopped early by ASHA" in result.stdout
     assert "Traceback" not in out and "PlacementGroupCleaner" not in out, out[-3000:]
 
@@ -159,28 +191,50 @@ def _finished_trials(exp: Path) -> dict[str, int]:
     return done
 
 
+def _confirmed_configs(exp: Path, trial_ids) -> set[tuple[str, float]]:
+    params = [json.loads((exp / "confirm" / tid / "params.json").read_text()) for tid in trial_ids]
+    return {(p["arch"], p["lr"]) for p in params}
+
+
+def _confirm_checkpointed(exp: Path) -> list[str]:
+    """Confirmation trials whose Train run saved a checkpoint (Tune buffers result.json)."""
+    trials = [folder.name for folder in (exp / "confirm").glob("*_0000*")]
+    return [tid for tid in trials if any((exp / "train" / tid).glob("checkpoint_*"))]
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    # Killed inside the confirmation stage: the finished search is restored as it is,
+    # and the confirmation resumes its own experiment with the same candidates.
+    confirm = ["sweep.confirm.top_k=2", "sweep.confirm.seeds=2"]
     args = [sys.executable, str(REPO / "jobs/sweep.py"), "--config", SMOKE,
-            f"output_dir={tmp_path}", "cluster.num_cpus=2"]
+            f"output_dir={tmp_path}", "cluster.num_cpus=2", *confirm]
     env = {**os.environ, **RAY_TEST_ENV}
     first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     exp = tmp_path / "smoke"
     try:
-        _wait_for(lambda: len(_finished_trials(exp)) >= 1, 240, "a finished trial")
+        _wait_for(lambda: (exp / "confirm").is_dir() and _confirm_checkpointed(exp), 400,
+                  "a confirmation trial's first checkpoint")
     finally:
         os.killpg(first.pid, signal.SIGKILL)     # the driver and everything it started
         first.wait()
+    assert not (exp / "sweep_end.json").exists(), "the sweep finished before it could be interrupted"
     finished = _finished_trials(exp)
-    assert len(finished) < 4, "the sweep finished before it could be interrupted"
+    started = {folder.name for folder in (exp / "confirm").glob("*_0000*")}
+    assert len(finished) == 4 and started
 
     result = run_job("sweep.py", "--config", SMOKE, f"output_dir={tmp_path}", "cluster.num_cpus=2",
-                     timeout=300)
+                     *confirm, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming the sweep" in result.stdout
-    after = _finished_trials(exp)
-    assert len(after) == 4
-    for trial_id, lines in finished.items():            # not re-run: no new results
-        assert after[trial_id] == lines, trial_id
-    assert {t["trial_id"] for t in trial_table(exp)} == set(after)
+    assert "resuming the sweep" in result.stdout and "resuming the confirmation" in result.stdout
+    assert _finished_trials(exp) == finished           # the search: not re-run, no new results
+    confirmed = {folder.name for folder in (exp / "confirm").glob("*_0000*")}
+    # The same experiment continued (its trials kept), with the same candidates, to the end.
+    assert started <= confirmed and len(confirmed) == 4
+    assert _confirmed_configs(exp, started) <= _confirmed_configs(exp, confirmed)
+    assert len(_confirmed_configs(exp, confirmed)) == 2
+    table = trial_table(exp)
+    assert {t["trial_id"] for t in table} == set(finished) | confirmed
+    assert all(t["epochs_done"] == 3 for t in table if t["trial_id"] in confirmed)
+    assert json.loads((exp / "best.json").read_text())["stage"] == "confirm"
