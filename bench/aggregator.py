@@ -118,7 +118,8 @@ def reports(losses: list[array], epochs: int, batches: int, per_report: int) -> 
                 tokens_per_s=1500.0, skipped_steps=0,
                 val_loss=2.5 if epoch_end else None, val_ppl=12.2 if epoch_end else None,
                 val_acc=0.4, val_exact=0.1, val_step=end // 2, val_modules=VAL_MODULES,
-                d_model=256, num_heads=8, head_dim=32, precision="fp32", stop_reason="",
+                d_model=256, num_heads=8, head_dim=32, precision="fp32", stop_reason="", seed=0,
+                checkpoint_score=2.5 if epoch_end else 1e300,
             ).to_dict(), "training_iteration": end // per_report, "time_total_s": end * 1.0}
 
 

@@ -137,7 +137,7 @@ def test_regret_counts_in_seed_noise_against_the_one_seed_grid() -> None:
         sys.path.remove(str(BENCH))
 
     def trial(heads, lr, copy, loss, seconds):
-        return {"d_model": 64, "num_heads": heads, "lr": lr, "last_val_loss": loss, "time_total_s": seconds,
+        return {"d_model": 64, "num_heads": heads, "lr": lr, "last_val_loss": loss, "last_time_total_s": seconds,
                 "config_json": json.dumps({"arch": f"64x{heads}", "lr": lr, "__trial_index__": copy})}
 
     grid = [trial(2, 1e-3, 0, 1.0, 10), trial(2, 1e-3, 1, 1.2, 10),     # mean 1.1, var 0.02
