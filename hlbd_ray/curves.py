@@ -30,7 +30,7 @@ _PLAIN = {float, type(None)}
 
 # Per-epoch values taken from the report that closes an epoch.
 SUMMARY_KEYS = ("epoch_loss", "val_loss", "val_ppl", "val_acc", "val_exact", "lr",
-                "tokens_per_s", "time_total_s")
+                "tokens_per_s", "time_total_s", "grad_norm")
 SUMMARY_INT_KEYS = ("val_step", "step", "batch")
 
 

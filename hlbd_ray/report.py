@@ -319,8 +319,11 @@ class ReportAggregator(Callback):
             (curves.accepted() if curves else 0),
             "dataset_stats": self.dataset_stats,
             # Position = epoch; None where an epoch has no summary (yet).
-            "control_losses": [summaries.get(e, {}).get("epoch_loss")
-                               for e in range(max(summaries, default=-1) + 1)],
+            "control_losses": per_epoch(summaries, "epoch_loss"),
+            # The playground monitor's gradient and learning-rate panels: the epoch-end
+            # report's values (grad_norm: its mean over that report's optimizer steps).
+            "grad_norms": per_epoch(summaries, "grad_norm"),
+            "learning_rates": per_epoch(summaries, "lr"),
             "best": {k[5:]: v for k, v in row.items() if k.startswith("best_")},
             "last": last, "points_per_epoch": self.store.points,
         }
@@ -370,6 +373,11 @@ class ReportAggregator(Callback):
             self.trials.setdefault(tid, TrialInfo(tid))
         self._rebuild_all()
         return adopted
+
+
+def per_epoch(summaries: Mapping[int, Mapping[str, Any]], key: str) -> list[Any]:
+    """One value per epoch, position = epoch; None where an epoch has no summary (yet)."""
+    return [summaries.get(e, {}).get(key) for e in range(max(summaries, default=-1) + 1)]
 
 
 def _progress(trial: TrialCurves) -> tuple[int, int]:
