@@ -34,6 +34,7 @@ import pyarrow as pa
 from ray.tune import Callback
 
 from hlbd_ray.curves import CurveStore, TrialCurves
+from hlbd_ray.render import PageRenderer
 from hlbd_ray.tables import (CURVES_FILE, EPOCHS_FILE, EPOCHS_SCHEMA, JSON_FILE, REPORT_DIR,
                              SCHEMA_VERSION, STRING, TRIALS_FILE, TRIALS_SCHEMA, EpochPart,
                              TrialInfo, best_metrics, column_type, concat_curves, curve_table,
@@ -51,8 +52,11 @@ class ReportAggregator(Callback):
 
     def __init__(self, experiment_dir: str | Path, points_per_epoch: int = 100,
                  every_s: float = 10.0, dataset_stats: Mapping[str, Any] | None = None,
-                 *, resume: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, resume: bool = False, clock: Callable[[], float] = time.monotonic,
+                 live_page: bool = False) -> None:
         self.report_dir = Path(experiment_dir) / REPORT_DIR
+        # index.html and its plots, re-rendered in the background after writes.
+        self.page = PageRenderer(experiment_dir, every_s) if live_page else None
         self.every_s = float(every_s)
         self.dataset_stats = jsonable(dict(dataset_stats or {}))
         self.store = CurveStore(points_per_epoch)
@@ -111,6 +115,8 @@ class ReportAggregator(Callback):
         # failed early still has a complete, readable report).
         self._mark_all()
         self.flush()
+        if self.page is not None:
+            self.page.finish()
 
     def _replay_tune_log(self, trial: Any) -> None:
         """After a driver restart, rebuild a resumed trial from Tune's own result log.
@@ -219,6 +225,8 @@ class ReportAggregator(Callback):
                              exc_info=not isinstance(exc, OSError))
                 continue
             self._pending.discard(target)
+        if self.page is not None and "trials" not in self._pending:
+            self.page.poke()
         return ok
 
     def _jobs(self) -> list[tuple[str, Path, Callable[[Path], Any]]]:

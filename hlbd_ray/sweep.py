@@ -25,6 +25,7 @@ from hlbd_ray.errors import UserError
 from hlbd_ray.lifecycle import (STALL_FLOOR_S, Interrupt, StallWatchdog, SweepInterrupted,
                                 resume_hint)
 from hlbd_ray.placement import PlacementGroupKeeper, describe, trial_tag
+from hlbd_ray.session import actor_banner
 from hlbd_ray.run import build_trainer, preflight, storage_join, user_error_in
 from hlbd_ray.summary import finish
 from hlbd_ray.search import (ARCH_KEY, LR_KEY, build_scheduler, build_searcher, decode_arch,
@@ -88,6 +89,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
 
     cfg = trial_config(from_dict(base), params)
     trial_id = tune.get_context().get_trial_id()
+    print(actor_banner(trial_id, "Tune trial actor (drives the Train run of the same name)",
+                       cfg.model.d_model, cfg.model.num_heads, cfg.train.lr), flush=True)
     # The mark lets the sweep driver free this trial's placement groups (placement.py).
     mark = trial_tag(trial_id, ray.get_runtime_context().get_actor_id())
     trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
@@ -174,7 +177,10 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt) ->
         keeper = live.register("placements", PlacementGroupKeeper())
         watchdog = live.register("watchdog", StallWatchdog(interrupt, s.stall_timeout_s))
         callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
-                                      data.dataset_stats), status, keeper, watchdog]
+                                      data.dataset_stats, live_page=True),
+                     status, keeper, watchdog]
+        print(f"live report (reloads itself): {(report_dir / 'report' / 'index.html').resolve()}",
+              flush=True)
         tuner = build_tuner(cfg, ray.put(data), resources, callbacks)
         with interrupt.tune_fit():
             results = tuner.fit()
