@@ -158,6 +158,12 @@ def start_timeout_s(sweep: SweepConfig) -> float:
     return sweep.stall_timeout_s if sweep.stall_timeout_s > 0 else STALL_FLOOR_S
 
 
+def tensorboard_dir(cfg: Config) -> str:
+    """Where Tune writes each trial's event files: the experiment folder in storage."""
+    experiment = storage_join(cfg.storage_path, cfg.sweep.name)
+    return experiment if "://" in experiment else str(Path(experiment).resolve())
+
+
 def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt) -> int:
     import ray
 
@@ -179,8 +185,9 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt) ->
         callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
                                       data.dataset_stats, live_page=True),
                      status, keeper, watchdog]
-        print(f"live report (reloads itself): {(report_dir / 'report' / 'index.html').resolve()}",
-              flush=True)
+        print(f"live report (reloads itself): {(report_dir / 'report' / 'index.html').resolve()}\n"
+              f"TensorBoard (pip install '.[tensorboard]'): tensorboard --logdir "
+              f"{tensorboard_dir(cfg)}", flush=True)
         tuner = build_tuner(cfg, ray.put(data), resources, callbacks)
         with interrupt.tune_fit():
             results = tuner.fit()
