@@ -50,6 +50,9 @@ _TARGETS = ("curves", "epochs", "trials", "sweep")
 class ReportAggregator(Callback):
     """Tune callback: every result's `batch_losses` into per-trial curves, then files."""
 
+    # None: no live page (also what an aggregator pickled before it existed resumes with).
+    page: PageRenderer | None = None
+
     def __init__(self, experiment_dir: str | Path, points_per_epoch: int = 100,
                  every_s: float = 10.0, dataset_stats: Mapping[str, Any] | None = None,
                  *, resume: bool = False, clock: Callable[[], float] = time.monotonic,
