@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import time
+import urllib.request
+from pathlib import Path
 from typing import Any, Callable
 
 from hlbd_ray.config import ClusterConfig
@@ -63,8 +67,38 @@ def start_ray(cluster: ClusterConfig, extra_env: dict[str, str] | None = None,
     info = {"address": address or "local", "dashboard_url": f"http://{url}" if url else None,
             "resources": ray.cluster_resources()}
     if info["dashboard_url"]:
-        print(f"Ray dashboard: {info['dashboard_url']}", flush=True)
+        mode = auth_mode(info["dashboard_url"])
+        print("\n".join(dashboard_lines(info["dashboard_url"], mode)), flush=True)
     return info
+
+
+def auth_mode(dashboard_url: str, timeout_s: float = 5.0) -> str:
+    """"token" or "disabled": what the cluster's dashboard asks of a browser.
+
+    Asked of the dashboard itself (the public, unauthenticated endpoint its own page
+    reads first), so it is right for an attached cluster too; Ray's Python side has no
+    public call for it. If the dashboard does not answer, RAY_AUTH_MODE decides, as for
+    a local cluster Ray starts (token unless set to something else).
+    """
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with no_proxy.open(f"{dashboard_url}/api/authentication_mode",
+                           timeout=timeout_s) as answer:
+            return str(json.load(answer)["authentication_mode"])
+    except Exception as err:  # an old or busy dashboard: fall back on the setting
+        log.info("dashboard %s did not say its auth mode (%s: %s); using RAY_AUTH_MODE",
+                 dashboard_url, type(err).__name__, err)
+        return os.environ.get("RAY_AUTH_MODE", "token").lower()
+
+
+def dashboard_lines(url: str, mode: str) -> list[str]:
+    """The dashboard URL and, when it asks for a token, the command that prints it."""
+    lines = [f"Ray dashboard: {url}"]
+    if mode == "token":
+        ray_cli = Path(sys.executable).with_name("ray")
+        lines.append(f"  it asks for the cluster's token: paste what `{ray_cli} get-auth-token` "
+                     "prints (on the head node)")
+    return lines
 
 
 def require_state_api(timeout_s: float = 90.0) -> None:

@@ -145,11 +145,11 @@ def driver_log(path: Path) -> Iterator[None]:
     to_console = logging.StreamHandler(sys.stderr)
     to_console.setLevel(logging.WARNING)
     ours = logging.getLogger("hlbd_ray")
-    saved = ours.level, os.environ.get(TUNE_TRIAL_ERRORS_ENV)
+    saved = ours.level, {name: os.environ.get(name) for name in TUNE_CONSOLE_ENV}
     ours.setLevel(logging.INFO)
     ours.addHandler(to_file)
     ours.addHandler(to_console)
-    os.environ[TUNE_TRIAL_ERRORS_ENV] = "0"
+    os.environ.update(TUNE_CONSOLE_ENV)
     # Tune warns that it found no results for trials it created but never started: the
     # trials table shows them as NOT RUN.
     # And, after an interrupt, it suggests resuming with Tuner.restore: ours says to run
@@ -169,13 +169,19 @@ def driver_log(path: Path) -> Iterator[None]:
         ours.removeHandler(to_console)
         to_file.close()
         ours.setLevel(saved[0])
-        if saved[1] is None:
-            os.environ.pop(TUNE_TRIAL_ERRORS_ENV, None)
-        else:
-            os.environ[TUNE_TRIAL_ERRORS_ENV] = saved[1]
+        for name, value in saved[1].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
-TUNE_TRIAL_ERRORS_ENV = "TUNE_PRINT_ALL_TRIAL_ERRORS"
+# Read by Tune in the driver. Its per-trial error tracebacks stay in the error files.
+# And its console output gives way to ours: even at verbose=0, Tune's output engine
+# prints its config table, its trials table at the end and a TensorBoard hint naming the
+# driver's temporary staging folder, not the experiment folder (sweep.py prints the real
+# one). RAY_AIR_NEW_OUTPUT=0 is Ray's switch to its older engine, silent at verbose=0.
+TUNE_CONSOLE_ENV = {"TUNE_PRINT_ALL_TRIAL_ERRORS": "0", "RAY_AIR_NEW_OUTPUT": "0"}
 
 
 class ToFileOnly(logging.Filter):

@@ -39,7 +39,7 @@ class Report:
     ppl: float | None = _q(float, last=True)
     acc: float | None = _q(float, last=True)
     lr: float | None = _q(float, epoch=True, last=True)
-    grad_norm: float | None = _q(float, last=True)
+    grad_norm: float | None = _q(float, epoch=True, last=True)
     fw_ms: float | None = _q(float)
     bw_ms: float | None = _q(float)
     tokens_per_s: float | None = _q(float, epoch=True, last=True)

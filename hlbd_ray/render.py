@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from hlbd_ray.files import atomic_write, atomic_write_text
 from hlbd_ray.tables import (CURVES_FILE, EPOCHS_FILE, MODULES_FILE, REPORT_DIR, TRIALS_FILE,
                              read_parquet, safe_name)
 
+log = logging.getLogger(__name__)
+
 PLOTS_DIR = "plots"
 INDEX_FILE = "index.html"
 # Columns of the best-trials table: (trial row key, header, format).
@@ -32,6 +37,68 @@ TABLE = (("status", "status", "{}"), ("best_val_loss", "best val loss", "{:.4f}"
          ("epochs_done", "epochs", "{}"), ("num_heads", "heads", "{}"), ("d_model", "d_model", "{}"),
          ("lr", "lr", "{:.2e}"), ("last_loss", "last loss", "{:.4f}"),
          ("last_time_total_s", "time s", "{:.0f}"))
+
+
+class PageRenderer:
+    """Keeps a running sweep's index.html and PNGs fresh without slowing the sweep.
+
+    `poke()` (from the aggregator, on Tune's callback thread) starts a render in a daemon
+    thread and returns at once. It skips when a render is still running, and waits
+    between starts for `every_s` or `1 / max_share` times the last render's duration,
+    whichever is longer: rendering takes at most `max_share` of one core however slow
+    it gets. The render reads only the report files, which the aggregator replaces
+    atomically, so the two share no memory. `finish()` waits for a running render and
+    writes the final page, which no longer reloads.
+    """
+
+    def __init__(self, folder: str | Path, every_s: float, max_share: float = 0.2) -> None:
+        self.folder, self.every_s, self.max_share = Path(folder), float(every_s), max_share
+        self.renders = self.skipped = self.failures = 0
+        self.last_s = self.max_s = 0.0
+        self._next = 0.0
+        self._thread: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks (tuner.pkl): a thread does not pickle, nor matter there.
+        return {**self.__dict__, "_thread": None}
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def poke(self) -> bool:
+        """Start a render in the background if one is due; True if it started."""
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        if self.busy():
+            self.skipped += 1
+            return False
+        self._thread = threading.Thread(target=self._render, args=(self.every_s,),
+                                        name="hlbd-report-render", daemon=True)
+        self._next = now + self.every_s
+        self._thread.start()
+        return True
+
+    def finish(self, timeout_s: float = 120.0) -> None:
+        """The final page (no reload), after any render still running (bounded wait)."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("report: the page render did not end within %.0f s; the final "
+                          "page is rendered beside it", timeout_s)
+        self._render(None)
+
+    def _render(self, refresh_s: float | None) -> None:
+        started = time.monotonic()
+        try:
+            render_report(self.folder, refresh_s=refresh_s)
+        except Exception:  # the sweep goes on; the next render retries
+            self.failures += 1
+            log.exception("report: could not render the page in %s", self.folder)
+        took = time.monotonic() - started
+        self.renders += 1
+        self.last_s, self.max_s = took, max(self.max_s, took)
+        self._next = max(self._next, started + took / self.max_share)
 
 
 def find_report_dir(folder: str | Path) -> Path:
@@ -57,14 +124,19 @@ def load_report(report_dir: Path) -> dict[str, Any]:
             "modules": rows(MODULES_FILE)}
 
 
-def render_report(folder: str | Path) -> Path:
-    """Render every plot and index.html; returns the path of index.html."""
+def render_report(folder: str | Path, refresh_s: float | None = None) -> Path:
+    """Render every plot and index.html; returns the path of index.html.
+
+    `refresh_s`: the page reloads itself every so many seconds (a sweep still running);
+    None: a page that stays as it is (the sweep ended, or a snapshot)."""
     report_dir = find_report_dir(folder)
     data = load_report(report_dir)
     plots = report_dir / PLOTS_DIR
     trials = sort_trials(data["trials"])
     by_trial = _group(data["curves"])
     epochs = _group(data["epochs"])
+    answer = [_save(plots / "answer_lr.png", _answer_lr(trials)),
+              _save(plots / "answer_grid.png", _answer_grid(trials))]
     overview = [
         _save(plots / "loss_all.png", _overview_loss(trials, by_trial)),
         _save(plots / "val_loss.png", _per_epoch(trials, epochs, "val_loss", "validation loss")),
@@ -78,7 +150,7 @@ def render_report(folder: str | Path) -> Path:
                                    _trial_loss(tid, by_trial[tid]))
     index = report_dir / INDEX_FILE
     modules = {tid: _module_table(rows) for tid, rows in _group(data["modules"]).items()}
-    atomic_write_text(index, _html(trials, overview, per_trial, report_dir, modules))
+    atomic_write_text(index, _html(trials, answer, overview, per_trial, report_dir, refresh_s, modules))
     return index
 
 
@@ -124,6 +196,77 @@ def _trial_loss(tid: str, buckets: list[dict[str, Any]]) -> Figure:
     ax.set_xlabel("micro-batch (global index)")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
+    return fig
+
+
+def _arch(t: dict[str, Any]) -> tuple[Any, Any]:
+    return t.get("num_heads"), t.get("d_model")
+
+
+def _scored(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials with a best validation loss and the swept values it answers for."""
+    return [t for t in trials if t.get("best_val_loss") is not None and t.get("lr")
+            and t.get("num_heads") is not None]
+
+
+def _answer_lr(trials: list[dict[str, Any]]) -> Figure:
+    """Best val_loss against lr (log x): one series per (num_heads, d_model)."""
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    series: dict[tuple, list[dict[str, Any]]] = {}
+    for t in _scored(trials):
+        series.setdefault(_arch(t), []).append(t)
+    markers = "osD^v<>p*"
+    widths = sorted({d for _, d in series}, key=lambda d: (d is None, d or 0))
+    for heads, d_model in sorted(series, key=lambda k: (k[0], k[1] or 0)):
+        points = sorted(series[(heads, d_model)], key=lambda t: t["lr"])
+        ax.plot([t["lr"] for t in points], [t["best_val_loss"] for t in points],
+                marker=markers[widths.index(d_model) % len(markers)], linewidth=1,
+                label=f"{heads} heads, d_model {d_model}")
+    best = _scored(trials)[:1]
+    if best:
+        ax.plot([best[0]["lr"]], [best[0]["best_val_loss"]], marker="*", markersize=16,
+                color="gold", markeredgecolor="k", linestyle="none", label="best")
+    ax.set_xscale("log")
+    _finish(ax, "best validation loss against learning rate", "learning rate (log)",
+            "best val_loss")
+    return fig
+
+
+def _answer_grid(trials: list[dict[str, Any]], bins: int = 6) -> Figure:
+    """num_heads x lr grid (lr in log-spaced bins) of the best val_loss in each cell."""
+    fig = Figure(figsize=(8, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    scored = _scored(trials)
+    if not scored:
+        ax.text(0.5, 0.5, "no validation loss yet", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    heads = sorted({t["num_heads"] for t in scored})
+    low, high = (math.log10(f(t["lr"] for t in scored)) for f in (min, max))
+    n = max(1, min(bins, len({t["lr"] for t in scored})))
+    width = (high - low) / n or 1.0
+    grid = [[math.nan] * n for _ in heads]
+    for t in scored:
+        col = min(n - 1, int((math.log10(t["lr"]) - low) / width))
+        row = heads.index(t["num_heads"])
+        if not grid[row][col] <= t["best_val_loss"]:   # NaN compares False: first value
+            grid[row][col] = t["best_val_loss"]
+    image = ax.imshow(grid, aspect="auto", cmap="viridis_r", origin="lower")
+    for row, values in enumerate(grid):
+        for col, value in enumerate(values):
+            if not math.isnan(value):
+                ax.text(col, row, f"{value:.3f}", ha="center", va="center", fontsize=8,
+                        bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+    ax.set_yticks(range(len(heads)), [str(h) for h in heads])
+    ax.set_xticks(range(n), [f"{10 ** (low + (c + 0.5) * width):.1e}" for c in range(n)],
+                  fontsize=8)
+    ax.set_xlabel("learning rate (bin centre, log-spaced bins)")
+    ax.set_ylabel("num_heads")
+    ax.set_title("best validation loss per num_heads x lr cell (empty: no trial there)",
+                 fontsize=10)
+    fig.colorbar(image, ax=ax, label="best val_loss")
     return fig
 
 
@@ -189,8 +332,23 @@ def _module_table(rows: list[dict[str, Any]]) -> str:
             f"<th>val exact</th></tr>{body}</table>")
 
 
-def _html(trials: list[dict[str, Any]], overview: list[Path], per_trial: dict[str, Path],
-          report_dir: Path, modules: dict[str, str] | None = None) -> str:
+def _best_config(trials: list[dict[str, Any]]) -> str:
+    """The current leader: its id, architecture, lr and scores, then its full config."""
+    best = next((t for t in trials if t.get("best_val_loss") is not None), None)
+    if best is None:
+        return '<p id="best-config">No validation loss yet.</p>'
+    fields = (("trial", best["trial_id"], "{}"), ("status", best.get("status"), "{}"),
+              ("num_heads", best.get("num_heads"), "{}"), ("d_model", best.get("d_model"), "{}"),
+              ("lr", best.get("lr"), "{:.3e}"), ("best val_loss", best["best_val_loss"], "{:.4f}"),
+              ("best val_acc", best.get("best_val_acc"), "{:.4f}"),
+              ("at epoch", best.get("best_epoch"), "{}"))
+    rows = "".join(f"<tr><th>{k}</th><td>{_fmt(v, f)}</td></tr>" for k, v, f in fields)
+    return f'<table id="best-config" class="cfg">{rows}</table>'
+
+
+def _html(trials: list[dict[str, Any]], answer: list[Path], overview: list[Path],
+          per_trial: dict[str, Path], report_dir: Path, refresh_s: float | None = None,
+          modules: dict[str, str] | None = None) -> str:
     def rel(p: Path) -> str:
         return html.escape(p.relative_to(report_dir).as_posix(), quote=True)
 
@@ -215,8 +373,16 @@ def _html(trials: list[dict[str, Any]], overview: list[Path], per_trial: dict[st
                         f'({html.escape(str(t.get("status")))})</h3>{error}{plot}'
                         f'{(modules or {}).get(tid, "")}<table class="cfg">{config}</table></section>')
     images = "".join(f'<img src="{rel(p)}" alt="{html.escape(p.stem)}">' for p in overview)
+    answer_images = "".join(f'<img id="{html.escape(p.stem)}" src="{rel(p)}" '
+                            f'alt="{html.escape(p.stem)}">' for p in answer)
+    if refresh_s:
+        refresh = f'<meta http-equiv="refresh" content="{max(1, round(refresh_s))}">'
+        state = (f"The sweep is running: this page is rewritten every {refresh_s:g} s "
+                 "and reloads itself.")
+    else:
+        refresh, state = "", "This page no longer changes (the sweep ended, or a snapshot)."
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Sweep report</title>
+<html><head><meta charset="utf-8">{refresh}<title>Sweep report</title>
 <style>
 body{{font-family:sans-serif;margin:1.5em;max-width:1400px}}
 table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;padding:2px 6px}}
@@ -224,10 +390,12 @@ img{{max-width:100%;display:block;margin:.5em 0}} .err{{color:#a00}}
 table.cfg th{{text-align:left;font-weight:normal;color:#555}}
 </style></head><body>
 <h1>Sweep report</h1>
-<p>{len(trials)} trials; rendered {stamp} from <code>{html.escape(str(report_dir))}</code>.
-Re-run the report command to refresh while the sweep runs.</p>
+<p><span id="trial-count">{len(trials)}</span> trials; rendered {stamp} from
+<code>{html.escape(str(report_dir))}</code>. {state}</p>
+<h2>Which heads and learning rate win</h2>{answer_images}
+<h2>Current best</h2>{_best_config(trials)}
 <h2>Trials by best validation loss</h2>
-<table><tr><th>#</th><th>trial</th>{head}<th>error / stop reason</th></tr>
+<table id="trials"><tr><th>#</th><th>trial</th>{head}<th>error / stop reason</th></tr>
 {"".join(rows)}</table>
 <h2>All trials</h2>{images}
 <h2>Each trial</h2>{"".join(sections)}

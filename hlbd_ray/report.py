@@ -36,6 +36,7 @@ import pyarrow as pa
 from ray.tune import Callback
 
 from hlbd_ray.curves import MODULES_KEY, CurveStore, TrialCurves
+from hlbd_ray.render import PageRenderer
 from hlbd_ray.tables import (CURVES_FILE, CURVES_SCHEMA, EPOCHS_FILE, EPOCHS_SCHEMA, JSON_FILE,
                              MODULES_FILE, MODULES_SCHEMA, REPORT_DIR, SCHEMA_VERSION, STRING,
                              TRIALS_FILE, TRIALS_SCHEMA, module_rows, modules_by_epoch,
@@ -51,10 +52,16 @@ _TARGETS = ("curves", "epochs", "modules", "trials", "sweep")
 class ReportAggregator(Callback):
     """Tune callback: every result's `batch_losses` into per-trial curves, then files."""
 
+    # None: no live page (also what an aggregator pickled before it existed resumes with).
+    page: PageRenderer | None = None
+
     def __init__(self, experiment_dir: str | Path, points_per_epoch: int = 100,
                  every_s: float = 10.0, dataset_stats: Mapping[str, Any] | None = None,
-                 *, resume: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, resume: bool = False, clock: Callable[[], float] = time.monotonic,
+                 live_page: bool = False) -> None:
         self.report_dir = Path(experiment_dir) / REPORT_DIR
+        # index.html and its plots, re-rendered in the background after writes.
+        self.page = PageRenderer(experiment_dir, every_s) if live_page else None
         self.every_s = float(every_s)
         self.dataset_stats = jsonable(dict(dataset_stats or {}))
         self.store = CurveStore(points_per_epoch)
@@ -114,6 +121,8 @@ class ReportAggregator(Callback):
         # failed early still has a complete, readable report).
         self._mark_all()
         self.flush()
+        if self.page is not None:
+            self.page.finish()
 
     def _replay_tune_log(self, trial: Any) -> None:
         """After a driver restart, rebuild a resumed trial from Tune's own result log.
@@ -232,6 +241,8 @@ class ReportAggregator(Callback):
                              exc_info=not isinstance(exc, OSError))
                 continue
             self._pending.discard(target)
+        if self.page is not None and "trials" not in self._pending:
+            self.page.poke()
         return ok
 
     def _jobs(self) -> list[tuple[str, Path, Callable[[Path], Any]]]:
@@ -291,8 +302,11 @@ class ReportAggregator(Callback):
             (curves.accepted() if curves else 0),
             "dataset_stats": self.dataset_stats,
             # Position = epoch; None where an epoch has no summary (yet).
-            "control_losses": [summaries.get(e, {}).get("epoch_loss")
-                               for e in range(max(summaries, default=-1) + 1)],
+            "control_losses": per_epoch(summaries, "epoch_loss"),
+            # The playground monitor's gradient and learning-rate panels: the epoch-end
+            # report's values (grad_norm: its mean over that report's optimizer steps).
+            "grad_norms": per_epoch(summaries, "grad_norm"),
+            "learning_rates": per_epoch(summaries, "lr"),
             "best": {k[5:]: v for k, v in row.items() if k.startswith("best_")},
             "last": last, "points_per_epoch": self.store.points,
             "epochs": [{"epoch": e, **s} for e, s in sorted(summaries.items())],
@@ -356,6 +370,11 @@ class ReportAggregator(Callback):
             self.trials.setdefault(tid, TrialInfo(tid))
         self._mark_all()
         return adopted
+
+
+def per_epoch(summaries: Mapping[int, Mapping[str, Any]], key: str) -> list[Any]:
+    """One value per epoch, position = epoch; None where an epoch has no summary (yet)."""
+    return [summaries.get(e, {}).get(key) for e in range(max(summaries, default=-1) + 1)]
 
 
 def _progress(trial: TrialCurves) -> tuple[int, int]:

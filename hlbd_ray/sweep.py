@@ -26,6 +26,7 @@ from hlbd_ray.errors import UserError
 from hlbd_ray.lifecycle import (STALL_FLOOR_S, Interrupt, StallWatchdog, SweepInterrupted,
                                 resume_hint)
 from hlbd_ray.placement import PlacementGroupKeeper, describe, trial_tag
+from hlbd_ray.session import actor_banner
 from hlbd_ray.summary import finish
 from hlbd_ray.search import (ARCH_KEY, LR_KEY, REPEAT_KEY, build_scheduler, build_searcher,
                              confirm_space, decode_arch, num_trials, param_space,
@@ -84,6 +85,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
 
     cfg = trial_config(from_dict(base), params)
     trial_id = tune.get_context().get_trial_id()
+    print(actor_banner(trial_id, "Tune trial actor (drives the Train run of the same name)",
+                       cfg.model.d_model, cfg.model.num_heads, cfg.train.lr), flush=True)
     # The mark lets the sweep driver free this trial's placement groups (placement.py).
     mark = trial_tag(trial_id, ray.get_runtime_context().get_actor_id())
     trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
@@ -192,6 +195,12 @@ def start_timeout_s(sweep: SweepConfig) -> float:
     return sweep.stall_timeout_s if sweep.stall_timeout_s > 0 else STALL_FLOOR_S
 
 
+def tensorboard_dir(cfg: Config) -> str:
+    """Where Tune writes each trial's event files: the experiment folder in storage."""
+    experiment = storage_join(cfg.storage_path, cfg.sweep.name)
+    return experiment if "://" in experiment else str(Path(experiment).resolve())
+
+
 def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
               hooks: SweepHooks | None = None) -> int:
     import ray
@@ -215,7 +224,11 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
         keeper = live.register("placements", PlacementGroupKeeper())
         watchdog = live.register("watchdog", StallWatchdog(interrupt, s.stall_timeout_s))
         callbacks = [ReportAggregator(report_dir, cfg.report.points_per_epoch, cfg.report.every_s,
-                                      data.dataset_stats), status, keeper, watchdog, *hooks.callbacks]
+                                      data.dataset_stats, live_page=True),
+                     status, keeper, watchdog, *hooks.callbacks]
+        print(f"live report (reloads itself): {(report_dir / 'report' / 'index.html').resolve()}\n"
+              f"TensorBoard (pip install '.[tensorboard]'): tensorboard --logdir "
+              f"{tensorboard_dir(cfg)}", flush=True)
         data_ref = ray.put(data)
         tuner = build_tuner(cfg, data_ref, resources, callbacks)
         with interrupt.tune_fit():

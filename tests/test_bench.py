@@ -108,6 +108,16 @@ def test_data_smoke(hlbd_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_render_smoke() -> None:
+    result = run_smoke("render.py")
+    check(result, {"render_s", "render_cpu_s", "poke_ms", "render_interval_s"},
+          {"ingest_slowdown_ratio", "core_share"})
+    # The bound holds by construction: a render starts at most every max(every_s,
+    # render / max_share) seconds.
+    assert result["core_share"] <= result["max_share"] + 1e-9
+    assert result["renders_beside"] >= 1
+
+
 def test_load_smoke() -> None:
     result = run_smoke("load.py", timeout=400)
     assert result["all_rows"] is True and result["trials"] == [2, 4]

@@ -124,3 +124,26 @@ def test_the_cleaners_line_per_freed_group_is_dropped_but_its_failures_are_not()
         record(CLEANER, "Detected that the Ray Train controller actor (x) is dead.", level=logging.WARNING))
     assert ExpectedEventFilter().filter(
         record(CLEANER, "Failed to clean up placement group: boom", level=logging.WARNING))
+
+
+def test_tunes_console_output_is_off_only_while_the_driver_log_is_on(tmp_path, monkeypatch):
+    import os
+
+    from hlbd_ray.console import driver_log
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    monkeypatch.delenv("TUNE_PRINT_ALL_TRIAL_ERRORS", raising=False)
+    with driver_log(tmp_path / "sweep.log"):
+        # Tune's own console, with its TensorBoard hint naming a temporary folder, is off.
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+        assert os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] == "0"
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    assert "TUNE_PRINT_ALL_TRIAL_ERRORS" not in os.environ
+
+
+def test_an_actor_banner_names_trial_config_and_role():
+    from hlbd_ray.session import actor_banner
+
+    line = actor_banner("ab12_00003", "Train worker rank 1 of 2", 128, 4, 1.05e-3)
+    assert line == ("[hlbd] trial ab12_00003: d_model 128, num_heads 4, lr 1.05e-03; "
+                    "Train worker rank 1 of 2")

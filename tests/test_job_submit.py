@@ -1,6 +1,10 @@
 """`ray job submit` against a head on 127.0.0.1 that the test starts, and stops, itself.
 
-The job trains on the shipped HLBD Full file by its short name, resolved inside the job.
+The head runs with token authentication, as Ray's default cluster does. The job trains on
+the shipped HLBD Full file by its short name, resolved inside the job. Once it ended, a
+real browser (headless Chromium) logs into the dashboard with the cluster's token and
+finds the job on the Jobs page, then opens the sweep's report page; screenshots are kept
+under the job's output_dir (`screenshots/`) for a person to look at.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from .browser import RAY_AUTH_COOKIE, check_report_page, chromium, wait_for
 from .conftest import REPO, RAY_TEST_ENV
 
 pytestmark = pytest.mark.slow
@@ -45,8 +50,12 @@ def wait_until(check, timeout: float, what: str):
 
 def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
     gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, **RAY_TEST_ENV, "HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, **RAY_TEST_ENV, "HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # The command the job prints for the token; --generate makes this private cluster's.
+    token = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True,
+                           text=True, timeout=60, check=True).stdout.strip()
+    assert len(token) >= 32
     # --block keeps `ray start` in the foreground: killing its process group stops exactly
     # this head (`ray stop` would stop every Ray of the user). Its own temp dir keeps its
     # session and its `ray_current_cluster` record out of the shared one: a record left
@@ -59,7 +68,7 @@ def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        client = wait_until(lambda: _client(address), 90, "the job server")
+        client = wait_until(lambda: _client(address, token), 90, "the job server")
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", str(REPO),
              "--runtime-env-json", EXCLUDES, "--", "python", "jobs/sweep.py",
@@ -69,14 +78,41 @@ def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
             env=env, capture_output=True, text=True, timeout=120)
         assert submit.returncode == 0, submit.stderr
         job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)
-        status = wait_until(lambda: _finished(client, job_id), 400, "the job to finish")
+        index = tmp_path / "out/smoke/report/index.html"
+        pages: set[bool] = set()     # seen reloading (True) or final (False)
+
+        def finished():
+            if index.is_file():
+                pages.add('http-equiv="refresh"' in index.read_text())
+            return _finished(client, job_id)
+
+        status = wait_until(finished, 400, "the job to finish")
         logs = client.get_job_logs(job_id)
         assert status == "SUCCEEDED", logs[-3000:]
         assert "best trial" in logs and "[sweep" in logs
         # What the dashboard shows under Jobs -> Log: a line per trial event.
         assert logs.count(" started: ") == 4 and "trials: 4 = " in logs
+        # How to get in: the token's command, next to the dashboard's URL.
+        assert f"`{RAY} get-auth-token`" in logs
         trials = pq.read_table(tmp_path / "out/smoke/report/trials.parquet").to_pylist()
         assert len(trials) == 4 and all(t["d_model"] % t["num_heads"] == 0 for t in trials)
+        ids = {t["trial_id"] for t in trials}
+        # Every trial actor's and Train worker's log opens with its trial and config;
+        # Ray forwards those lines to the job's log.
+        for role in ("Tune trial actor", "Train worker rank 0 of 1"):
+            banner = rf"\[hlbd\] trial (\S+): d_model 32, num_heads \d, lr [^;]+; {role}"
+            named = set(re.findall(banner, logs))
+            assert named == ids, (role, named)
+        # TensorBoard: our line names the experiment folder; Tune's hint (a temp folder) is gone.
+        assert f"tensorboard --logdir {tmp_path / 'out/smoke'}" in logs
+        assert "To visualize your results with TensorBoard" not in logs
+        assert_event_files_hold_the_loss(tmp_path / "out/smoke", ids)
+        # The live page reloaded itself while the sweep ran, and stopped at its end.
+        assert True in pages and 'http-equiv="refresh"' not in index.read_text()
+        shots = tmp_path / "out/screenshots"
+        with chromium() as browser:
+            check_dashboard_lists_the_job(browser, address, token, job_id, shots)
+            check_report_page(browser, index, len(trials), shots)
         assert (tmp_path / "out/smoke/best_config.yaml").is_file()
         report = json.loads((tmp_path / "out/smoke/report/experiment_report.json").read_text())
         stats = report["dataset_stats"]
@@ -99,11 +135,40 @@ def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
     shutil.rmtree(temp_dir)
 
 
-def _client(address: str):
+def check_dashboard_lists_the_job(browser, address: str, token: str, job_id: str,
+                                  shots: Path) -> None:
+    """Into the dashboard with the cluster's token as Ray's auth cookie; the Jobs page
+    lists the job (read from the DOM)."""
+    from selenium.webdriver.common.by import By
+
+    # A cookie needs a page of its site: a public endpoint, not the app, whose first API
+    # call without the token would open its token dialog.
+    browser.get(f"{address}/api/authentication_mode")
+    browser.add_cookie({"name": RAY_AUTH_COOKIE, "value": token, "path": "/"})
+    browser.get(f"{address}/#/jobs")
+    wait_for(browser, lambda b: job_id in b.find_element(By.TAG_NAME, "body").text, 90,
+             f"the Jobs page to list {job_id}")
+    shots.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(shots / "dashboard_jobs.png"))
+    assert "Authentication Token Required" not in browser.find_element(By.TAG_NAME, "body").text
+
+
+def assert_event_files_hold_the_loss(experiment: Path, trial_ids: set[str]) -> None:
+    """Tune's TensorBoard event files, one set per trial folder, carry the loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for tid in trial_ids:
+        events = EventAccumulator(str(experiment / tid))
+        events.Reload()
+        losses = [e.value for e in events.Scalars("ray/tune/loss")]
+        assert losses and all(0 < v < 20 for v in losses), (tid, losses)
+
+
+def _client(address: str, token: str):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
     except Exception:  # the job server is still starting; wait_until retries
         return None
 

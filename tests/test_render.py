@@ -116,3 +116,59 @@ def test_job_renders_a_sweep(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "index.html" in proc.stdout
     assert (tmp_path / "report" / "index.html").is_file()
+
+
+def test_the_live_page_renders_in_the_background_and_stops_reloading_at_the_end(tmp_path):
+    from hlbd_ray.render import PageRenderer
+
+    make_sweep(tmp_path)
+    page = PageRenderer(tmp_path, every_s=3600)
+    assert page.poke()                      # starts a render and returns
+    assert not page.poke()                  # not due again for an hour: nothing started
+    page._thread.join(60)
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert '<meta http-equiv="refresh" content="3600">' in html
+    assert 'id="answer_lr"' in html and 'id="answer_grid"' in html
+    assert '<span id="trial-count">3</span>' in html and 'id="trials"' in html
+    assert 'id="best-config"' in html and "trial_good" in html[html.index('id="best-config"'):]
+    page.finish()
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "http-equiv" not in html and page.renders == 2 and page.failures == 0
+    # The budget: the next start waits for every_s or 5x the render's own duration.
+    assert 0 < page.last_s <= page.max_s
+
+
+def test_a_render_still_running_is_skipped_not_queued(tmp_path):
+    import pickle
+    import threading
+
+    from hlbd_ray.render import PageRenderer
+
+    make_sweep(tmp_path)
+    page = PageRenderer(tmp_path, every_s=0)
+    gate = threading.Event()
+    page._thread = threading.Thread(target=gate.wait)   # a render that has not ended
+    page._thread.start()
+    assert not page.poke() and page.skipped == 1
+    gate.set()
+    page._thread.join()
+    # Tune pickles its callbacks, the aggregator's page renderer with them.
+    assert pickle.loads(pickle.dumps(page))._thread is None
+    assert page.poke()
+    page.finish()
+    assert page.failures == 0
+
+
+def test_the_aggregator_keeps_the_page_fresh_while_it_writes(tmp_path):
+    agg = make_sweep(tmp_path)
+    live = ReportAggregator(tmp_path, points_per_epoch=10, every_s=1e9, resume=True,
+                            live_page=True)
+    late = FakeTrial("trial_late", {"lr": 5e-4})
+    live.on_trial_result(0, [late], late, {"epoch": 0, "batch_start": 0, "batch": 3,
+                                           "batch_losses": [1.0, 2.0, 3.0], "epoch_batches": 0})
+    # The first result is written at once, and the write started a render beside it.
+    assert live.page._thread is not None
+    live.on_experiment_end([late])
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert '<span id="trial-count">4</span>' in html and "http-equiv" not in html
+    assert agg.trials.keys() < live.trials.keys()

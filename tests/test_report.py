@@ -57,11 +57,11 @@ GOLDEN_STREAM = [
     result(0, [4.0, None, 2.0], 0, 4),
     result(3, [6.0], 0, 4, end=True, epoch_loss=4.0, val_loss=3.0, val_ppl=20.0, val_acc=0.25,
            val_exact=0.0, lr=0.01, tokens_per_s=100.0, step=2, val_step=2, time_total_s=1.0,
-           val_modules={"zodiac": {"loss": 3.5, "exact": NAN}, "geometry": {"loss": 2.5, "exact": 0.0}}),
+           grad_norm=1.5, val_modules={"zodiac": {"loss": 3.5, "exact": NAN}, "geometry": {"loss": 2.5, "exact": 0.0}}),
     result(4, [3.0, 1.0], 1, 4, loss=INF),
     result(6, [NAN, 2.0], 1, 4, end=True, epoch_loss=2.0, val_loss=2.5, val_ppl=12.0,
            val_acc=0.5, val_exact=0.5, lr=0.005, tokens_per_s=120.0, step=4, val_step=4,
-           time_total_s=2.0, loss=2.0, ppl=INF, training_iteration=4),
+           time_total_s=2.0, loss=2.0, ppl=INF, training_iteration=4, grad_norm=0.75),
 ]
 # Width ceil(4 / 2) = 2: epoch 0 = [4, None | 2, 6], epoch 1 = [3, 1 | nan, 2].
 GOLDEN_CURVES = [
@@ -97,10 +97,10 @@ def test_golden_curves_epochs_trials(tmp_path: Path) -> None:
     assert read(out / "epochs.parquet") == [
         {"trial_id": "t1", "epoch": 0, "epoch_loss": 4.0, "val_loss": 3.0, "val_ppl": 20.0,
          "val_acc": 0.25, "val_exact": 0.0, "lr": 0.01, "tokens_per_s": 100.0,
-         "time_total_s": 1.0, "step": 2, "batches": 4, "val_step": 2},
+         "time_total_s": 1.0, "grad_norm": 1.5, "step": 2, "batches": 4, "val_step": 2},
         {"trial_id": "t1", "epoch": 1, "epoch_loss": 2.0, "val_loss": 2.5, "val_ppl": 12.0,
          "val_acc": 0.5, "val_exact": 0.5, "lr": 0.005, "tokens_per_s": 120.0,
-         "time_total_s": 2.0, "step": 4, "batches": 8, "val_step": 4}]
+         "time_total_s": 2.0, "grad_norm": 0.75, "step": 4, "batches": 8, "val_step": 4}]
 
     # Validation per module, long: one row per (trial, epoch, module, metric); NaN is null.
     assert read(out / "modules.parquet") == [
@@ -134,6 +134,8 @@ def test_golden_json_documents(tmp_path: Path) -> None:
                 "dataset_stats", "timestamp", "schema_version", "config"):
         assert key in doc
     assert doc["control_losses"] == [4.0, 2.0]
+    # The playground monitor's other panels: one value per epoch, position = epoch.
+    assert doc["grad_norms"] == [1.5, 0.75] and doc["learning_rates"] == [0.01, 0.005]
     assert doc["batch_losses"] == [4.0, 4.0, 2.0, 2.0]
     assert doc["batch_losses_min"] == [4.0, 2.0, 1.0, 2.0]
     assert doc["batch_losses_max"] == [4.0, 6.0, 3.0, 2.0]
