@@ -164,8 +164,8 @@ def test_the_aggregator_keeps_the_page_fresh_while_it_writes(tmp_path):
     live = ReportAggregator(tmp_path, points_per_epoch=10, every_s=1e9, resume=True,
                             live_page=True)
     late = FakeTrial("trial_late", {"lr": 5e-4})
-    live.on_trial_result(0, [late], late, {"epoch": 0, "batch_start": 0, "batch": 3,
-                                           "batch_losses": [1.0, 2.0, 3.0], "epoch_batches": 0})
+    live.on_trial_result(0, [late], late, {"epoch": 0, "batch_start": 0, "batches": 3,
+                                           "batch_losses": [1.0, 2.0, 3.0], "epoch_batches": 3, "epoch_end": False})
     # The first result is written at once, and the write started a render beside it.
     assert live.page._thread is not None
     live.on_experiment_end([late])
