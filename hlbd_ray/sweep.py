@@ -17,6 +17,7 @@ from typing import Any
 from ray import tune
 
 from hlbd_ray import live
+from hlbd_ray.capacity import check_placeable
 from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import START_TIMEOUT_ENV, require_state_api, start_ray
 from hlbd_ray.config import Config, SweepConfig, check_heads, from_dict, to_dict, validate
@@ -25,7 +26,7 @@ from hlbd_ray.errors import UserError
 from hlbd_ray.lifecycle import (STALL_FLOOR_S, Interrupt, StallWatchdog, SweepInterrupted,
                                 resume_hint)
 from hlbd_ray.placement import PlacementGroupKeeper, describe, trial_tag
-from hlbd_ray.run import build_trainer, preflight, storage_join, user_error_in
+from hlbd_ray.run import build_trainer, preflight, storage_join, user_error_in, with_cluster_precision
 from hlbd_ray.summary import finish
 from hlbd_ray.search import (ARCH_KEY, LR_KEY, build_scheduler, build_searcher, decode_arch,
                              param_space)
@@ -41,7 +42,8 @@ class TrialResources:
     max_concurrent: int
 
 
-def plan_resources(cfg: Config, cluster: dict[str, float]) -> TrialResources:
+def plan_resources(cfg: Config, cluster: dict[str, float],
+                   nodes: list[dict[str, Any]] | None = None) -> TrialResources:
     """A trial reserves num_workers x cpus_per_worker CPUs in all, its driver included.
 
     The driver's sliver comes out of the workers' share, so a trial of one 1-CPU worker
@@ -64,6 +66,8 @@ def plan_resources(cfg: Config, cluster: dict[str, float]) -> TrialResources:
             f"one trial needs {per_trial_cpu:g} CPUs and {per_trial_gpu:g} GPUs "
             f"(train.num_workers x cpus_per_worker / gpus_per_worker) but the cluster has "
             f"{cpus:g} CPUs and {gpus:g} GPUs")
+    if nodes is not None:      # ray.nodes(): a trial's workers must fit the nodes as placed
+        capacity = min(capacity, check_placeable(nodes, t.num_workers, t.cpus_per_worker, t.gpus_per_worker))
     wanted = s.max_concurrent_trials or capacity
     if wanted > capacity:
         print(f"note: sweep.max_concurrent_trials={wanted} lowered to {capacity}, "
@@ -166,7 +170,8 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt) ->
     interrupt.take_signals()
     try:
         require_state_api()
-        resources = plan_resources(cfg, ray.cluster_resources())
+        resources = plan_resources(cfg, ray.cluster_resources(), ray.nodes())
+        cfg = with_cluster_precision(cfg)      # one precision for every trial
         print(f"sweep {s.name}: {s.num_samples} samples, {s.search} search, {s.scheduler} scheduler, "
               f"up to {resources.max_concurrent} trials at once; reports in {report_dir}", flush=True)
         status = live.register("status", SweepStatus(s.metric, s.mode, max_epochs=cfg.train.epochs,

@@ -47,7 +47,7 @@ LAST_INTS = ("epoch", "epochs_done", "step", "batch", "skipped_steps", "val_step
 BEST = (("val_loss", min), ("val_ppl", min), ("val_acc", max), ("val_exact", max))
 TRIALS_SCHEMA = pa.schema(
     [("trial_id", STRING), ("status", STRING), ("error", STRING), ("stop_reason", STRING),
-     ("num_heads", _I), ("d_model", _I), ("head_dim", _I), ("lr", _F),
+     ("num_heads", _I), ("d_model", _I), ("head_dim", _I), ("lr", _F), ("precision", STRING),
      ("epochs", _I), ("step", _I), ("batches", _I), ("iterations", _I),
      ("time_total_s", _F), ("skipped_steps", _I)]
     + [(f"last_{k}", _F) for k in LAST_FLOATS if k != "time_total_s"]
@@ -70,6 +70,8 @@ class TrialInfo:
         self.last.update({k: as_int(result[k], None) for k in LAST_INTS if k in result})
         if "stop_reason" in result:
             self.last["stop_reason"] = str(result["stop_reason"] or "")
+        if result.get("precision"):
+            self.last["precision"] = str(result["precision"])
 
 
 # ---- rows and text ----
@@ -81,6 +83,7 @@ def trial_row(info: TrialInfo, best: Mapping[str, Any]) -> dict[str, Any]:
     row = {"trial_id": info.trial_id, "status": info.status, "error": info.error,
            "stop_reason": last.get("stop_reason") or None, "num_heads": heads,
            "d_model": d_model, "head_dim": head_dim, "lr": _config_lr(config),
+           "precision": last.get("precision"),
            "epochs": last.get("epochs_done"), "step": last.get("step"),
            "batches": last.get("batch"), "iterations": last.get("training_iteration"),
            "time_total_s": last.get("time_total_s"), "skipped_steps": last.get("skipped_steps")}
@@ -99,7 +102,7 @@ def info_from_row(row: Mapping[str, Any]) -> TrialInfo:
                  "training_iteration": row.get("iterations"), "d_model": row.get("d_model"),
                  "num_heads": row.get("num_heads"), "head_dim": row.get("head_dim"),
                  "skipped_steps": row.get("skipped_steps"),
-                 "stop_reason": row.get("stop_reason") or ""})
+                 "stop_reason": row.get("stop_reason") or "", "precision": row.get("precision")})
     return TrialInfo(row["trial_id"], json.loads(row.get("config_json") or "{}"),
                      row.get("status") or "PENDING", row.get("error"),
                      {k: v for k, v in last.items() if v is not None})
