@@ -24,13 +24,7 @@ from hlbd_ray.files import atomic_write_json, atomic_write_text, ensure_writable
 from hlbd_ray.model import resolve_factory
 from hlbd_ray.optim import run_length
 from hlbd_ray.session import resolve_on_cluster
-
-
-def storage_join(base: str, *parts: str) -> str:
-    """Join path parts onto a local folder or a URI (s3://bucket/x) alike."""
-    if "://" in base:
-        return "/".join([base.rstrip("/"), *parts])
-    return str(Path(base, *parts))
+from hlbd_ray.storage import storage_join  # noqa: F401  (re-exported: sweep and tests import it here)
 
 
 def preflight(cfg: Config, folder: str | None = None) -> tuple[Config, PreparedData]:

@@ -14,6 +14,7 @@ from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK
 from hlbd_ray.files import atomic_write_json, atomic_write_text
 from hlbd_ray.metrics import finite_or_none
 from hlbd_ray.search import ARCH_KEY, LR_KEY
+from hlbd_ray.storage import storage_uri
 
 END_FILE = "sweep_end.json"
 OUTCOME_WORDS = {COMPLETED: "completed", STOPPED: "stopped early by {scheduler}",
@@ -115,6 +116,7 @@ def save_best(cfg: Config, rows: list[dict[str, Any]], exp_dir: Path, qualifier:
     best = pick(scored, key=lambda r: r["best_metric"])
     best_cfg = trial_config(cfg, {ARCH_KEY: best["arch"], LR_KEY: best["lr"]})
     atomic_write_text(exp_dir / "best_config.yaml", to_yaml(best_cfg))
+    best = {**best, "checkpoint": storage_uri(cfg.storage_path, best["checkpoint"])}
     atomic_write_json(exp_dir / "best.json", {k: best[k] for k in (
         "trial_id", "arch", "lr", "best_metric", "best_val_loss", "best_val_ppl", "best_val_acc",
         "epochs", "checkpoint")})

@@ -19,6 +19,19 @@ SMOKE = str(REPO / "conf" / "smoke.yaml")
 def test_storage_paths_join_for_folders_and_uris():
     assert storage_join("/data/runs", "sweep", "train") == "/data/runs/sweep/train"
     assert storage_join("s3://bucket/runs/", "sweep") == "s3://bucket/runs/sweep"
+    # pyarrow's filesystem options stay last: the parts join the path, not the query.
+    query = "?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage_join(f"s3://bucket/runs{query}", "sweep", "train") == f"s3://bucket/runs/sweep/train{query}"
+
+
+def test_checkpoint_paths_ray_reports_become_uris_again():
+    from hlbd_ray.storage import storage_uri
+
+    query = "?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage_uri(f"s3://bucket/runs{query}", "bucket/runs/x/checkpoint_1") == \
+        f"s3://bucket/runs/x/checkpoint_1{query}"
+    assert storage_uri("/data/runs", "/data/runs/x/checkpoint_1") == "/data/runs/x/checkpoint_1"
+    assert storage_uri("gs://b/r", None) is None
 
 
 @pytest.mark.slow
