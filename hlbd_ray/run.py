@@ -99,7 +99,7 @@ class MetricsWriter:
         self.path, self.queue, self.poll_s = path, queue, poll_s
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._drain, name="metrics-writer", daemon=True)
-        self.written = 0
+        self.error: BaseException | None = None
 
     def __enter__(self) -> "MetricsWriter":
         self.thread.start()
@@ -111,8 +111,18 @@ class MetricsWriter:
         if self.thread.is_alive():
             print(f"warning: {self.path} may miss reports: its writer did not finish in 60 s",
                   file=sys.stderr)
+        if self.error is not None:
+            if exc[0] is None:
+                raise RuntimeError(f"writing {self.path} failed") from self.error
+            print(f"writing {self.path} failed too: {self.error!r}", file=sys.stderr)
 
     def _drain(self) -> None:
+        try:
+            self._drain_queue()
+        except BaseException as err:   # re-raised on the driver's thread by __exit__
+            self.error = err
+
+    def _drain_queue(self) -> None:
         from ray.util.queue import Empty
 
         while True:
@@ -125,7 +135,6 @@ class MetricsWriter:
                 continue
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, allow_nan=False) + "\n")
-            self.written += 1
 
 
 def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,

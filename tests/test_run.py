@@ -98,3 +98,41 @@ def test_preflight_trains_on_cut_answers_only_when_allowed(tmp_path, capsys, hlb
     cut = stats["truncated_train"] + stats["truncated_val"]
     assert resolved.train.max_len == 150 and cut == int(data.train.truncated.sum() + data.val.truncated.sum())
     assert cut > 0.01 * 5000 and f"max_len 150 cuts {cut} answers" in capsys.readouterr().out
+
+
+class ListQueue:
+    """The get() of ray.util.queue.Queue over a thread-safe list (the writer's side only)."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.items = queue.Queue()
+
+    def put(self, item) -> None:
+        self.items.put(item)
+
+    def get(self, timeout: float):
+        import queue
+
+        from ray.util.queue import Empty
+        try:
+            return self.items.get(timeout=timeout)
+        except queue.Empty:
+            raise Empty from None
+
+
+def test_the_driver_writes_every_queued_report_in_order_before_it_returns(tmp_path):
+    import threading
+
+    from hlbd_ray.run import MetricsWriter
+
+    path, reports = tmp_path / "metrics.jsonl", ListQueue()
+    path.write_text('{"step": 0}\n')                    # a resumed run appends after its lines
+    with MetricsWriter(path, reports, poll_s=0.05):
+        producer = threading.Thread(target=lambda: [reports.put({"step": i}) for i in range(1, 201)])
+        producer.start()
+        producer.join()                                  # fit() returns after its last put
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == list(range(201))
+    with pytest.raises(RuntimeError, match="writing .* failed"):
+        with MetricsWriter(path, reports, poll_s=0.05):
+            reports.put({"loss": float("nan")})          # allow_nan=False: never a silent NaN
