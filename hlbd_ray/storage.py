@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from hlbd_ray.errors import UserError
+
 
 def is_uri(path: str) -> bool:
     return "://" in path
@@ -42,6 +44,8 @@ def local_copy(uri: str) -> Iterator[Path]:
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        raise UserError(f"no folder at {uri}")
     with tempfile.TemporaryDirectory(prefix="hlbd-fetch-") as tmp:
         pyarrow.fs.copy_files(path, tmp, source_filesystem=fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
