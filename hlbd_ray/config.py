@@ -38,6 +38,7 @@ class Precision(Choice):
     auto = "auto"   # bf16 autocast where it measured faster (GPU, CPU with AMX), else fp32
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"   # with a loss scaler: what auto picks on a GPU without bf16
 
 
 class LossOn(Choice):

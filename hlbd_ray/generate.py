@@ -24,13 +24,15 @@ from hlbd_ray.errors import UserError
 from hlbd_ray.metrics import TokenCounts, count_tokens, token_loss_sum
 from hlbd_ray.model import ModelSpec, build_model
 from hlbd_ray.session import autocast, resolve_precision
+from hlbd_ray.storage import is_uri, local_copy
 from hlbd_ray.tokenizer import PAD_ID, CharTokenizer
 
 DECODE_BATCH = 64  # prompts decoded side by side
 
 
-def best_checkpoint(experiment: str | Path) -> Path:
-    """The checkpoint a sweep folder's `best.json` names (its `checkpoint` key)."""
+def best_checkpoint(experiment: str | Path) -> str | Path:
+    """The checkpoint a sweep folder's `best.json` names (its `checkpoint` key): a local
+    folder, or a URI when the sweep's storage_path was one."""
     path = Path(experiment) / "best.json"
     if not path.is_file():
         raise UserError(f"no best.json in {experiment}: not a finished sweep folder (or give --checkpoint)")
@@ -41,10 +43,7 @@ def best_checkpoint(experiment: str | Path) -> Path:
     checkpoint = best.get("checkpoint") if isinstance(best, dict) else None
     if not isinstance(checkpoint, str) or not checkpoint:
         raise UserError(f"{path} names no checkpoint")
-    if "://" in checkpoint:
-        raise UserError(f"{path} names a checkpoint in remote storage ({checkpoint}); copy it here "
-                        "and give --checkpoint")
-    return Path(checkpoint)
+    return checkpoint if is_uri(checkpoint) else Path(checkpoint)
 
 
 @dataclass
@@ -62,7 +61,11 @@ class Decoder:
         """The model of checkpoint `folder` (loaded with weights_only=True), in eval mode.
 
         `precision` None: the run's own `train.precision`, resolved for this device.
+        `folder` may be a URI in storage (s3://...): it is fetched into a temporary folder.
         """
+        if is_uri(str(folder)):
+            with local_copy(str(folder)) as local:
+                return cls.load(local, device, precision)
         state = load_state(folder)
         cfg = from_dict(state["config"])
         tokenizer = CharTokenizer.from_dict(state["tokenizer"])

@@ -51,6 +51,36 @@ def resolve_precision(requested: str, device: torch.device, cpuinfo: str | None 
     return "bf16" if cpu_has_fast_bf16(cpuinfo) else "fp32"
 
 
+# A probe task that gets no worker slot in this long means the workers cannot start either.
+PROBE_TIMEOUT_S = 120.0
+
+
+def _probe_precision(requested: str, use_gpu: bool) -> str:
+    return resolve_precision(requested, torch.device("cuda" if use_gpu else "cpu"))
+
+
+def resolve_on_cluster(requested: str, cpus_per_worker: float, gpus_per_worker: float) -> str:
+    """"auto" resolved once, on the driver, by a task shaped like one Train worker.
+
+    Ray places the task where such a worker can run, so it sees that hardware (a GPU's
+    bf16 support, a worker node's CPU flags), not the driver's. The result goes into the
+    config every worker and trial gets: a sweep on a mixed cluster compares like with
+    like instead of some trials in bf16 and others in fp32.
+    """
+    if requested != "auto":
+        return str(requested)
+    import ray
+
+    probe = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_probe_precision)
+    ref = probe.remote(requested, gpus_per_worker > 0)
+    try:
+        return ray.get(ref, timeout=PROBE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise RuntimeError(f"no worker slot ({cpus_per_worker:g} CPUs, {gpus_per_worker:g} GPUs) "
+                           f"came free in {PROBE_TIMEOUT_S:g} s to resolve train.precision=auto") from None
+
+
 def autocast(precision: str, device: torch.device) -> ContextManager[Any]:
     """The forward pass's autocast for a resolved precision (nothing for fp32)."""
     if precision == "fp32":

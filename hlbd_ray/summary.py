@@ -16,6 +16,7 @@ from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK
 from hlbd_ray.files import atomic_write_json, atomic_write_text
 from hlbd_ray.metrics import finite_or_none
 from hlbd_ray.search import ARCH_KEY, LR_KEY, REPEAT_KEY, STAGE_KEY
+from hlbd_ray.storage import storage_uri
 
 END_FILE = "sweep_end.json"
 OUTCOME_WORDS = {COMPLETED: "completed", STOPPED: "stopped early by {scheduler}",
@@ -152,6 +153,7 @@ def save_best(cfg: Config, rows: list[dict[str, Any]], exp_dir: Path, qualifier:
     best = pick(pool, key=lambda r: r["best_metric"])
     best_cfg = trial_config(cfg, {ARCH_KEY: best["arch"], LR_KEY: best["lr"], REPEAT_KEY: best["repeat"]})
     atomic_write_text(exp_dir / "best_config.yaml", to_yaml(best_cfg))
+    best = {**best, "checkpoint": storage_uri(cfg.storage_path, best["checkpoint"])}
     record: dict[str, Any] = {"stage": stage, "metric": s.metric, "mode": str(s.mode),
                               **{k: best[k] for k in BEST_KEYS}}
     if search:

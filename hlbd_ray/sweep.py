@@ -18,6 +18,7 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from hlbd_ray import live
+from hlbd_ray.capacity import check_placeable
 from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import START_TIMEOUT_ENV, require_state_api, start_ray
 from hlbd_ray.config import Config, SweepConfig, check_heads, from_dict, to_dict, validate
@@ -31,7 +32,8 @@ from hlbd_ray.summary import finish
 from hlbd_ray.search import (ARCH_KEY, LR_KEY, REPEAT_KEY, build_scheduler, build_searcher,
                              confirm_space, decode_arch, num_trials, param_space,
                              uses_basic_generator)
-from hlbd_ray.trainer import build_trainer, preflight, runs_that_fit, storage_join, user_error_in
+from hlbd_ray.trainer import (build_trainer, preflight, runs_that_fit, storage_join, user_error_in,
+                              with_cluster_precision)
 from hlbd_ray.confirm import candidates as confirm_candidates
 
 CONFIRM_DIR = "confirm"   # the confirmation stage's Tune experiment, inside the sweep's folder
@@ -47,7 +49,8 @@ class TrialResources:
     max_concurrent: int
 
 
-def plan_resources(cfg: Config, cluster: dict[str, float]) -> TrialResources:
+def plan_resources(cfg: Config, cluster: dict[str, float],
+                   nodes: list[dict[str, Any]] | None = None) -> TrialResources:
     """A trial reserves num_workers x cpus_per_worker CPUs in all, its driver included.
 
     The driver's sliver comes out of the workers' share, so a trial of one 1-CPU worker
@@ -59,6 +62,8 @@ def plan_resources(cfg: Config, cluster: dict[str, float]) -> TrialResources:
         raise UserError(f"train.cpus_per_worker={t.cpus_per_worker} is too small for a sweep "
                         f"(each trial's driver needs {DRIVER_CPU} CPU of it)")
     capacity = runs_that_fit(t, cluster, "one trial")
+    if nodes is not None:      # ray.nodes(): a trial's workers must fit the nodes as placed
+        capacity = min(capacity, check_placeable(nodes, t.num_workers, t.cpus_per_worker, t.gpus_per_worker))
     wanted = s.max_concurrent_trials or capacity
     if wanted > capacity:
         print(f"note: sweep.max_concurrent_trials={wanted} lowered to {capacity}, "
@@ -213,7 +218,8 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
     interrupt.take_signals()
     try:
         require_state_api()
-        resources = plan_resources(cfg, ray.cluster_resources())
+        resources = plan_resources(cfg, ray.cluster_resources(), ray.nodes())
+        cfg = with_cluster_precision(cfg)      # one precision for every trial
         confirm = (f", then {s.confirm.top_k} configs x {s.confirm.seeds} seeds confirmed"
                    if s.confirm.top_k else "")
         print(f"sweep {s.name}: {num_trials(s)} trials, {s.search} search, {s.scheduler} scheduler"

@@ -45,7 +45,7 @@ MODULES_SCHEMA = pa.schema([("trial_id", STRING), ("epoch", _I), ("module", STRI
 # Per trial; the config's own keys follow as `config.<flattened key>` columns.
 TRIALS_SCHEMA = pa.schema(
     [("trial_id", STRING), ("status", STRING), ("error", STRING), ("stop_reason", STRING),
-     ("lr", _F)]
+     ("lr", _F), ("precision", STRING)]
     + [(last_column(k), _I) for k in LAST_INTS] + [(last_column(k), _F) for k in LAST_FLOATS]
     + [("best_epoch", _I)] + [(f"best_{k}", _F) for k, _ in BEST] + [("config_json", STRING)])
 _PARQUET_OPTIONS = {"use_dictionary": ["trial_id"], "compression": "snappy"}
@@ -66,6 +66,8 @@ class TrialInfo:
         self.last.update({k: as_int(result[k], None) for k in LAST_INTS if k in result})
         if "stop_reason" in result:
             self.last["stop_reason"] = str(result["stop_reason"] or "")
+        if result.get("precision"):
+            self.last["precision"] = str(result["precision"])
 
 
 # ---- rows ----
@@ -73,7 +75,8 @@ def trials_table_row(info: TrialInfo, best: Mapping[str, Any]) -> dict[str, Any]
     """The trial's row of trials.parquet: its last values and its best epoch."""
     last, config = info.last, info.config
     row: dict[str, Any] = {"trial_id": info.trial_id, "status": info.status, "error": info.error,
-                           "stop_reason": last.get("stop_reason") or None, "lr": _config_lr(config)}
+                           "stop_reason": last.get("stop_reason") or None, "lr": _config_lr(config),
+                           "precision": last.get("precision")}
     row.update({last_column(k): last.get(k) for k in LAST_INTS + LAST_FLOATS})
     # Before its first report a trial's architecture is known only from its config.
     for key in ("d_model", "num_heads"):
@@ -90,6 +93,7 @@ def info_from_row(row: Mapping[str, Any]) -> TrialInfo:
     """The inverse of `trials_table_row` as far as a restarted driver needs it."""
     last = {k: row.get(last_column(k)) for k in LAST_INTS + LAST_FLOATS}
     last["stop_reason"] = row.get("stop_reason") or ""
+    last["precision"] = row.get("precision")
     return TrialInfo(row["trial_id"], json.loads(row.get("config_json") or "{}"),
                      row.get("status") or "PENDING", row.get("error"),
                      {k: v for k, v in last.items() if v is not None})

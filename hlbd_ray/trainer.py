@@ -12,20 +12,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hlbd_ray.config import Config, TrainConfig, to_dict
+from hlbd_ray.config import Config, Precision, TrainConfig, to_dict
 from hlbd_ray.data import PreparedData, prepare_data
 from hlbd_ray.datareport import format_table, write_report
 from hlbd_ray.errors import UserError
 from hlbd_ray.files import ensure_writable_dir
 from hlbd_ray.model import resolve_factory
 from hlbd_ray.optim import run_length
-
-
-def storage_join(base: str, *parts: str) -> str:
-    """Join path parts onto a local folder or a URI (s3://bucket/x) alike."""
-    if "://" in base:
-        return "/".join([base.rstrip("/"), *parts])
-    return str(Path(base, *parts))
+from hlbd_ray.session import resolve_on_cluster
+from hlbd_ray.storage import storage_join  # noqa: F401  (part of this library's interface)
 
 
 def preflight(cfg: Config, folder: str | None = None) -> tuple[Config, PreparedData]:
@@ -129,3 +124,13 @@ def user_error_in(err: BaseException) -> UserError | None:
             candidate = cause if isinstance(cause, BaseException) else candidate.__cause__
             depth += 1
     return None
+
+
+def with_cluster_precision(cfg: Config) -> Config:
+    """The config with train.precision resolved once for the workers' hardware (Ray running),
+    so every trial of a sweep runs, and is compared, at the same precision."""
+    t = cfg.train
+    precision = resolve_on_cluster(str(t.precision), t.cpus_per_worker, t.gpus_per_worker)
+    if t.precision == Precision.auto:
+        print(f"precision: auto is {precision} on the workers' hardware", flush=True)
+    return replace(cfg, train=replace(t, precision=Precision(precision)))

@@ -96,7 +96,7 @@ def test_overrides_win_over_the_file_and_defaults_fill_the_rest():
     (["model.attention=sparse"], "model.attention"),
     (["data.val_fraction=1.5"], "data.val_fraction"),
     (["train.report_every_steps=1000", "train.grad_accum=4"], "bounded report size"),
-    (["train.precision=fp16"], "train.precision: Invalid value 'fp16', expected one of [auto, fp32, bf16]"),
+    (["train.precision=fp8"], "train.precision: Invalid value 'fp8', expected one of [auto, fp32, bf16, fp16]"),
     (["train.max_len=abc"], "train.max_len must be 'auto' or an integer > 0, got 'abc'"),
     (["train.max_len=1.5"], "train.max_len must be 'auto' or an integer > 0, got 1.5"),
     (["train.max_len=true"], "train.max_len must be 'auto' or an integer > 0, got True"),

@@ -42,7 +42,7 @@ def result(start: int, losses: list, epoch: int, eb: int, end: bool = False, **k
             "tokens_per_s": 100.0, "skipped_steps": 0, "val_loss": None, "val_ppl": None,
             "val_acc": None, "val_exact": None, "val_step": 0, "d_model": 8, "num_heads": 2,
             "head_dim": 4, "stop_reason": "", "training_iteration": 1, "time_total_s": 1.0,
-            "trial_id": "ignored", "done": False}
+            "trial_id": "ignored", "done": False, "precision": "bf16"}
     base.update(kw)
     return base
 
@@ -115,7 +115,7 @@ def test_golden_curves_epochs_trials(tmp_path: Path) -> None:
         "config.lr", "config.model.d_model", "config.tags"]
     (row,) = trials.to_pylist()
     expected = {"trial_id": "t1", "status": "TERMINATED", "error": None, "stop_reason": None,
-                "num_heads": 2, "d_model": 8, "head_dim": 4, "lr": 0.01, "epochs_done": 2,
+                "num_heads": 2, "d_model": 8, "head_dim": 4, "lr": 0.01, "precision": "bf16", "epochs_done": 2,
                 "step": 4, "batches": 8, "training_iteration": 4, "last_time_total_s": 2.0,
                 "last_loss": 2.0, "last_ppl": None, "last_val_loss": 2.5, "best_epoch": 1,
                 "best_val_loss": 2.5, "best_val_ppl": 12.0, "best_val_acc": 0.5,

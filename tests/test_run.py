@@ -19,6 +19,19 @@ SMOKE = str(REPO / "conf" / "smoke.yaml")
 def test_storage_paths_join_for_folders_and_uris():
     assert storage_join("/data/runs", "sweep", "train") == "/data/runs/sweep/train"
     assert storage_join("s3://bucket/runs/", "sweep") == "s3://bucket/runs/sweep"
+    # pyarrow's filesystem options stay last: the parts join the path, not the query.
+    query = "?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage_join(f"s3://bucket/runs{query}", "sweep", "train") == f"s3://bucket/runs/sweep/train{query}"
+
+
+def test_checkpoint_paths_ray_reports_become_uris_again():
+    from hlbd_ray.storage import storage_uri
+
+    query = "?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage_uri(f"s3://bucket/runs{query}", "bucket/runs/x/checkpoint_1") == \
+        f"s3://bucket/runs/x/checkpoint_1{query}"
+    assert storage_uri("/data/runs", "/data/runs/x/checkpoint_1") == "/data/runs/x/checkpoint_1"
+    assert storage_uri("gs://b/r", None) is None
 
 
 @pytest.mark.slow
@@ -85,3 +98,41 @@ def test_preflight_trains_on_cut_answers_only_when_allowed(tmp_path, capsys, hlb
     cut = stats["truncated_train"] + stats["truncated_val"]
     assert resolved.train.max_len == 150 and cut == int(data.train.truncated.sum() + data.val.truncated.sum())
     assert cut > 0.01 * 5000 and f"max_len 150 cuts {cut} answers" in capsys.readouterr().out
+
+
+class ListQueue:
+    """The get() of ray.util.queue.Queue over a thread-safe list (the writer's side only)."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.items = queue.Queue()
+
+    def put(self, item) -> None:
+        self.items.put(item)
+
+    def get(self, timeout: float):
+        import queue
+
+        from ray.util.queue import Empty
+        try:
+            return self.items.get(timeout=timeout)
+        except queue.Empty:
+            raise Empty from None
+
+
+def test_the_driver_writes_every_queued_report_in_order_before_it_returns(tmp_path):
+    import threading
+
+    from hlbd_ray.run import MetricsWriter
+
+    path, reports = tmp_path / "metrics.jsonl", ListQueue()
+    path.write_text('{"step": 0}\n')                    # a resumed run appends after its lines
+    with MetricsWriter(path, reports, poll_s=0.05):
+        producer = threading.Thread(target=lambda: [reports.put({"step": i}) for i in range(1, 201)])
+        producer.start()
+        producer.join()                                  # fit() returns after its last put
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == list(range(201))
+    with pytest.raises(RuntimeError, match="writing .* failed"):
+        with MetricsWriter(path, reports, poll_s=0.05):
+            reports.put({"loss": float("nan")})          # allow_nan=False: never a silent NaN
