@@ -118,6 +118,7 @@ def test_render_smoke() -> None:
     assert result["renders_beside"] >= 1
 
 
+@pytest.mark.slow
 def test_load_smoke() -> None:
     result = run_smoke("load.py", timeout=400)
     assert result["all_rows"] is True and result["trials"] == [2, 4]
