@@ -28,9 +28,11 @@ report: $(STAMP)
 	$(PY) jobs/report.py $(ARGS)
 
 test: $(STAMP)
+	$(PY) -m ruff check hlbd_ray jobs bench tests
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)
+	$(PY) -m ruff check hlbd_ray jobs bench tests
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 clean:

@@ -51,17 +51,17 @@ import tempfile
 import time
 import tracemalloc
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 
+from bench_output import print_json
 from hlbd_ray.config import ReportConfig
 from hlbd_ray.contract import Report
 from hlbd_ray.report import ReportAggregator
-
-from bench_output import print_json
 
 DEPLOYED_EVERY_S = ReportConfig().every_s
 VAL_MODULES = {m: {"loss": 2.5, "exact": 0.1}

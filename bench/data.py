@@ -26,11 +26,10 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from bench_output import print_json, print_load  # noqa: E402
 from hlbd_ray import hlbd_data  # noqa: E402
 from hlbd_ray.config import DataConfig  # noqa: E402
 from hlbd_ray.data import PreparedData, prepare_data  # noqa: E402
-
-from bench_output import print_json, print_load  # noqa: E402
 
 DATA = ["hlbd:full", "hlbd:hardcore"]  # the shipped HLBD Full V2 and Hardcore V2 files
 MAX_LEN = 256  # above the longest sequence of both files (232): nothing is cut

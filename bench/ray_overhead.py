@@ -47,12 +47,11 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from bench_output import print_json, print_load  # noqa: E402
 from hlbd_ray.config import Config, from_dict, load_config, to_dict  # noqa: E402
 from hlbd_ray.data import PreparedData, iter_batches, num_batches, prepare_data  # noqa: E402
 from hlbd_ray.session import LocalSession  # noqa: E402
 from hlbd_ray.train import TrainRun  # noqa: E402
-
-from bench_output import print_json, print_load  # noqa: E402
 
 VARIANTS = ("direct", "train", "tune", "tune_fn")
 Stamped = list[tuple[float, dict[str, Any]]]  # (wall clock at arrival, report)

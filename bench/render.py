@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aggregator import StandInTrial, make_losses, reports  # noqa: E402
-from bench_output import print_json, print_load  # noqa: E402
 
+from bench_output import print_json, print_load  # noqa: E402
 from hlbd_ray.config import ReportConfig  # noqa: E402
 from hlbd_ray.render import PageRenderer, render_report  # noqa: E402
 from hlbd_ray.report import ReportAggregator  # noqa: E402

@@ -31,22 +31,22 @@ import argparse
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from flops import flops_per_token
 
+from bench_output import print_json, print_load
 from hlbd_ray.config import Config, load_config
 from hlbd_ray.data import Batch, EncodedSplit, PreparedData, iter_batches, prepare_data
 from hlbd_ray.model import ModelSpec
 from hlbd_ray.session import LocalSession, resolve_precision
 from hlbd_ray.tokenizer import SPECIALS, TAGS, CharTokenizer
 from hlbd_ray.train import TrainRun
-
-from bench_output import print_json, print_load
-from flops import flops_per_token
 
 HLBD_DATA = ["hlbd:full", "hlbd:hardcore"]  # the shipped HLBD Full V2 and Hardcore V2 files
 VARIANTS = ("ours_fp32", "plain_fp32", "ours_bf16", "plain_bf16", "autopoietic")
@@ -92,7 +92,7 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, sizes: list[int
         b = torch.randn(n, n, device=device).to(dtype)
         out = torch.empty(n, n, device=device, dtype=dtype)
         for i in range(reps + 2):
-            seconds = timed(lambda: torch.matmul(a, b, out=out), device)
+            seconds = timed(lambda: torch.matmul(a, b, out=out), device)  # noqa: B023 (called at once)
             if i >= 2:  # the first calls pay for allocation and kernel selection
                 best = max(best, 2 * n ** 3 / seconds / 1e9)
     return best
@@ -302,7 +302,7 @@ def loss_curves(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         for p in runs if step % 2 == 0 else reversed(list(runs)):
             run = runs[p]
             torch.manual_seed(1000 + step)  # the same dropout masks for both precisions
-            wall, cpu_s = timed_cpu(lambda: (run.accumulate(group), run.optimizer_step()), device)
+            wall, cpu_s = timed_cpu(lambda: (run.accumulate(group), run.optimizer_step()), device)  # noqa: B023
             times[p].append(wall)
             cpu[p].append(cpu_s)
             w = run.window

@@ -38,9 +38,8 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from hlbd_ray.config import Config, load_config, validate  # noqa: E402
-
 from bench_output import print_json, print_load  # noqa: E402
+from hlbd_ray.config import Config, load_config, validate  # noqa: E402
 
 TIMELINE_ENV = "BENCH_TIMELINE_DIR"
 TIMED = ("__init__", "fit", "accumulate", "optimizer_step", "evaluate", "end_epoch", "report")

@@ -12,7 +12,8 @@ Bundles are identical, so counting whole bundles per node is exact, not a bin-pa
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from hlbd_ray.errors import UserError
 

@@ -8,8 +8,9 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hlbd_ray.config import ClusterConfig
 from hlbd_ray.errors import UserError

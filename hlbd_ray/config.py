@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -83,13 +83,13 @@ class ModelConfig:
     attention: Attention = Attention.standard
     # Optional "package.module:function" returning an nn.Module mapping ids -> logits;
     # it receives the ModelSpec (this config plus vocab_size and max_seq_len).
-    factory: Optional[str] = None
+    factory: str | None = None
 
 
 @dataclass
 class DataConfig:
     # HLBD JSON files (Full or Hardcore shape, detected per file). Empty: built-in generator.
-    paths: List[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     # Pairs per module produced by the built-in generator.
     generated_per_module: int = 400
     # Share of each module's pairs held out for validation, as whole facts (facts.py).
@@ -153,15 +153,15 @@ class TrainConfig:
 class SpaceConfig:
     """The searched space; num_heads x d_model pairs that do not divide are never sampled."""
 
-    d_model: List[int] = field(default_factory=lambda: [256])
-    num_heads: List[int] = field(default_factory=lambda: [2, 4, 8])
+    d_model: list[int] = field(default_factory=lambda: [256])
+    num_heads: list[int] = field(default_factory=lambda: [2, 4, 8])
     lr_min: float = 1e-4
     lr_max: float = 3e-3
     # Grid search only: number of log-spaced learning rates between lr_min and lr_max.
     lr_grid_points: int = 3
     # Explicit learning rates (empty: the range above): every searcher chooses among
     # them and grid runs each, so searches over one finite space compare (bench/regret.py).
-    lr_values: List[float] = field(default_factory=list)
+    lr_values: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -181,7 +181,7 @@ class SweepConfig:
     search: Search = Search.random
     # Sampled configs (random, optuna); None: 8. Grid search runs every point once and
     # refuses a num_samples (copies of a point: sweep.repeats).
-    num_samples: Optional[int] = None
+    num_samples: int | None = None
     # Copies of every grid point or sampled config, copy i with train.seed + i; a searcher
     # learns from the copies' mean. The trials table names each copy's seed.
     repeats: int = 1
@@ -242,10 +242,10 @@ class FaultConfig:
 class ClusterConfig:
     # None: attach to a running cluster if RAY_ADDRESS is set (as inside `ray job submit`),
     # else start a local one; "auto" attaches to the head started on this machine.
-    address: Optional[str] = None
+    address: str | None = None
     # Local cluster only (None: what the machine has).
-    num_cpus: Optional[int] = None
-    num_gpus: Optional[int] = None
+    num_cpus: int | None = None
+    num_gpus: int | None = None
     # A local cluster always starts the dashboard: besides the UI, its state API is how
     # Ray Train frees the CPUs of an early-stopped trial. Bound to this host only.
     dashboard_host: str = "127.0.0.1"
@@ -266,7 +266,7 @@ class Config:
     output_dir: str = "runs"
     # Where Ray persists experiment state and checkpoints: a local folder (None: output_dir)
     # or a URI pyarrow understands (s3://, gs://, a shared mount) for multi-node clusters.
-    storage_path: Optional[str] = None
+    storage_path: str | None = None
     # The single-run job's folder name under output_dir (the sweep uses sweep.name).
     name: str = "train"
 

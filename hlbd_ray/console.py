@@ -10,9 +10,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hlbd_ray.contract import better
 from hlbd_ray.live import LiveCallback

@@ -14,8 +14,9 @@ value over the trial's epochs as `best_<name>`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any
 
 
 def _q(kind: type, *, epoch: bool = False, last: bool = False, best: str | None = None) -> Any:

@@ -21,7 +21,8 @@ Pure Python on purpose: the aggregator, the restore path and the tests use it wi
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from hlbd_ray.contract import EPOCH_FLOATS, EPOCH_INTS
 
@@ -86,7 +87,7 @@ class Bucket:
                 self.nonfinite, self.mean, self.min, self.max, self.last, self.sum)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "Bucket":
+    def from_row(cls, row: Mapping[str, Any]) -> Bucket:
         b = cls(int(row["bucket"]), int(row["micro_batch_first"]))
         b.micro_batch_last = int(row["micro_batch_last"])
         b.count, b.nonfinite = int(row["count"]), int(row["nonfinite"])
@@ -153,7 +154,7 @@ class EpochCurve:
         return (self.epoch, self.epoch_batches, self.next, [b.row() for b in self.buckets])
 
     @classmethod
-    def from_state(cls, state: tuple, points: int) -> "EpochCurve":
+    def from_state(cls, state: tuple, points: int) -> EpochCurve:
         epoch, epoch_batches, nxt, rows = state
         curve = cls(epoch, epoch_batches, points)
         curve.next = nxt
@@ -260,7 +261,7 @@ class CurveStore:
                 "trials": {tid: t.state() for tid, t in self.trials.items()}}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> "CurveStore":
+    def from_state(cls, state: Mapping[str, Any]) -> CurveStore:
         store = cls(int(state["points"]))
         for tid, trial_state in state["trials"].items():
             epochs = [EpochCurve.from_state(s, store.points) for s in trial_state["epochs"]]

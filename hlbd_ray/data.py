@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -228,7 +229,7 @@ def load_pairs(paths: list[str], generated_per_module: int, seed: int) -> tuple[
     pairs, stats = _dedup(sources)
     levels = [f["levels"] for f in stats["files"] if "levels" in f]
     if levels:  # Full samples missing a level or carrying unknown keys, over all Full files
-        stats["total"]["levels"] = {kind: dict(sum((Counter(l[kind]) for l in levels), Counter()))
+        stats["total"]["levels"] = {kind: dict(sum((Counter(lv[kind]) for lv in levels), Counter()))
                                     for kind in ("missing", "unknown_keys")}
     return pairs, stats
 
@@ -404,7 +405,7 @@ class Batch:
     truncated: torch.Tensor  # bool [B]: max_len cut the row's answer (never an exact match)
     modules: torch.Tensor | None = None  # int64 [B]: each row's index into the split's module_names
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(self.inputs.to(device), self.labels.to(device), self.answer.to(device),
                      self.truncated.to(device), None if self.modules is None else self.modules.to(device))
 

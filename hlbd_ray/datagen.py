@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import random
+from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
 from hlbd_ray.errors import UserError, run_cli
 from hlbd_ray.files import atomic_write_json

@@ -35,8 +35,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Sequence
 from decimal import Decimal
-from typing import Protocol, Sequence, TypeVar
+from typing import Protocol, TypeVar
 
 from hlbd_ray.errors import UserError
 
@@ -96,7 +97,7 @@ def split_pairs(pairs: Sequence[P], val_fraction: float, seed: int) -> tuple[lis
     for key in facts:
         by_module.setdefault(key[0], []).append(key)
     held_out: set[int] = set()
-    for module, keys in by_module.items():
+    for keys in by_module.values():
         target = max(1, round(val_fraction * sum(len(facts[k]) for k in keys)))
         keys.sort(key=lambda k: (_rank(seed, *k), k))
         taken = 0

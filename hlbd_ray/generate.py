@@ -10,9 +10,9 @@ hold it against the teacher-forced `val_exact` a run reports.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ class Decoder:
     device: torch.device
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "cpu", precision: str | None = None) -> "Decoder":
+    def load(cls, folder: str | Path, device: str = "cpu", precision: str | None = None) -> Decoder:
         """The model of checkpoint `folder` (loaded with weights_only=True), in eval mode.
 
         `precision` None: the run's own `train.precision`, resolved for this device.

@@ -13,8 +13,9 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from hlbd_ray.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_STALLED
 from hlbd_ray.live import LiveCallback

@@ -44,7 +44,7 @@ class TokenCounts:
     correct: int = 0
     tokens: int = 0
 
-    def add(self, other: "TokenCounts") -> None:
+    def add(self, other: TokenCounts) -> None:
         self.loss_sum += other.loss_sum
         self.correct += other.correct
         self.tokens += other.tokens
@@ -151,7 +151,7 @@ class Window:
     def batches(self) -> int:
         return len(self.batch_tokens)
 
-    def reduced(self) -> "Window":
+    def reduced(self) -> Window:
         """The window summed over workers (one all-reduce); timings stay this worker's."""
         n = self.batches
         flat = [self.counts.loss_sum, self.counts.correct, self.counts.tokens, self.input_tokens,

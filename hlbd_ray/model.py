@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -50,7 +50,7 @@ class ModelSpec(ModelConfig):
         self.attention = Attention(self.attention)
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> "ModelSpec":
+    def from_config(cls, model_cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> ModelSpec:
         return cls(**asdict(model_cfg), vocab_size=vocab_size, max_seq_len=max_seq_len)
 
 

@@ -65,7 +65,7 @@ class LRSchedule:
     restart_period_mult: int
 
     @classmethod
-    def plan(cls, t: TrainConfig, steps_per_epoch: int, total_steps: int) -> "LRSchedule":
+    def plan(cls, t: TrainConfig, steps_per_epoch: int, total_steps: int) -> LRSchedule:
         return cls(str(t.schedule), t.warmup_steps, steps_per_epoch, total_steps, t.min_lr / t.lr,
                    t.restart_period_epochs, t.restart_period_mult)
 

@@ -52,7 +52,7 @@ class EpochBar:
             f"LR={lr:.2e} FW={window.fw_ms / n:.0f}ms BW={window.bw_ms / n:.0f}ms", refresh=False)
         self.bar.update(batches)
 
-    def __enter__(self) -> "EpochBar":
+    def __enter__(self) -> EpochBar:
         return self
 
     def __exit__(self, *exc: object) -> None:

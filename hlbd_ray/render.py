@@ -23,8 +23,7 @@ from matplotlib.figure import Figure
 
 from hlbd_ray.errors import UserError
 from hlbd_ray.files import atomic_write, atomic_write_text
-from hlbd_ray.tables import (CURVES_FILE, EPOCHS_FILE, MODULES_FILE, REPORT_DIR, TRIALS_FILE,
-                             read_parquet, safe_name)
+from hlbd_ray.tables import CURVES_FILE, EPOCHS_FILE, MODULES_FILE, REPORT_DIR, TRIALS_FILE, read_parquet, safe_name
 
 log = logging.getLogger(__name__)
 

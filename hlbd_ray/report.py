@@ -27,22 +27,47 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pyarrow as pa
 from ray.tune import Callback
 
 from hlbd_ray.curves import MODULES_KEY, CurveStore, TrialCurves
 from hlbd_ray.render import PageRenderer
-from hlbd_ray.tables import (CURVES_FILE, CURVES_SCHEMA, EPOCHS_FILE, EPOCHS_SCHEMA, JSON_FILE,
-                             MODULES_FILE, MODULES_SCHEMA, REPORT_DIR, SCHEMA_VERSION, STRING,
-                             TRIALS_FILE, TRIALS_SCHEMA, module_rows, modules_by_epoch,
-                             TrialInfo, best_metrics, column_type, curve_columns, curves_table, epoch_rows,
-                             flatten_config, info_from_row, jsonable, read_rows, safe_name,
-                             trials_table_row, write_json, write_parquet)
+from hlbd_ray.tables import (
+    CURVES_FILE,
+    CURVES_SCHEMA,
+    EPOCHS_FILE,
+    EPOCHS_SCHEMA,
+    JSON_FILE,
+    MODULES_FILE,
+    MODULES_SCHEMA,
+    REPORT_DIR,
+    SCHEMA_VERSION,
+    STRING,
+    TRIALS_FILE,
+    TRIALS_SCHEMA,
+    TrialInfo,
+    best_metrics,
+    column_type,
+    curve_columns,
+    curves_table,
+    epoch_rows,
+    flatten_config,
+    info_from_row,
+    jsonable,
+    module_rows,
+    modules_by_epoch,
+    read_rows,
+    safe_name,
+    trials_table_row,
+    write_json,
+    write_parquet,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,7 @@ from hlbd_ray.config import Config, to_yaml
 from hlbd_ray.data import PreparedData
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK
 from hlbd_ray.files import atomic_write_json, atomic_write_text
-from hlbd_ray.trainer import (build_trainer, preflight, runs_that_fit, user_error_in,
-                              with_cluster_precision)
+from hlbd_ray.trainer import build_trainer, preflight, runs_that_fit, user_error_in, with_cluster_precision
 
 
 def make_metrics_callback(queue: Any):
@@ -57,7 +56,7 @@ class MetricsWriter:
         self.thread = threading.Thread(target=self._drain, name="metrics-writer", daemon=True)
         self.error: BaseException | None = None
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         self.thread.start()
         return self
 

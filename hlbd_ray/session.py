@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -81,7 +82,7 @@ def resolve_on_cluster(requested: str, cpus_per_worker: float, gpus_per_worker: 
                            f"came free in {PROBE_TIMEOUT_S:g} s to resolve train.precision=auto") from None
 
 
-def autocast(precision: str, device: torch.device) -> ContextManager[Any]:
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
     """The forward pass's autocast for a resolved precision (nothing for fp32)."""
     if precision == "fp32":
         return nullcontext()

@@ -10,9 +10,9 @@ turns one back into a URI another process can open.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from hlbd_ray.errors import UserError
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hlbd_ray.config import Config, to_yaml
-from hlbd_ray.contract import best_index
 from hlbd_ray.confirm import CONFIRM_STAGE, config_key, config_stats, format_report, verdict
 from hlbd_ray.console import BUDGET, COMPLETED, ERRORED, INTERRUPTED, NOT_RUN, STOPPED
+from hlbd_ray.contract import best_index
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK
 from hlbd_ray.files import atomic_write_json, atomic_write_text
 from hlbd_ray.metrics import finite_or_none
@@ -73,7 +74,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
              f"{'epochs':>6} {'val_loss':>9} {'val_ppl':>9} {'val_acc':>8} {'time_s':>7}  note"
     print("\n" + header)
     for r in rows:
-        def num(key: str, spec: str) -> str:
+        def num(key: str, spec: str, r: dict[str, Any] = r) -> str:
             value = r.get(key)
             return "-" if value is None or value != value else format(value, spec)
         print(f"{r['trial_id']:<12} {r['stage']:<7} {r['arch'] or '-':<8} {num('lr', '.2e'):>9} "

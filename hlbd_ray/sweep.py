@@ -8,10 +8,10 @@ the trial id, so a restarted trial resumes its own checkpoints.
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
@@ -22,19 +22,33 @@ from hlbd_ray.capacity import check_placeable
 from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import START_TIMEOUT_ENV, require_state_api, start_ray
 from hlbd_ray.config import Config, SweepConfig, check_heads, from_dict, to_dict, validate
+from hlbd_ray.confirm import candidates as confirm_candidates
 from hlbd_ray.console import BUDGET, INTERRUPTED, SweepStatus, driver_log
 from hlbd_ray.errors import UserError
-from hlbd_ray.lifecycle import (STALL_FLOOR_S, Interrupt, StallWatchdog, SweepInterrupted,
-                                resume_hint)
+from hlbd_ray.lifecycle import STALL_FLOOR_S, Interrupt, StallWatchdog, SweepInterrupted, resume_hint
 from hlbd_ray.placement import PlacementGroupKeeper, describe, trial_tag
+from hlbd_ray.search import (
+    ARCH_KEY,
+    LR_KEY,
+    REPEAT_KEY,
+    build_scheduler,
+    build_searcher,
+    confirm_space,
+    decode_arch,
+    num_trials,
+    param_space,
+    uses_basic_generator,
+)
 from hlbd_ray.session import actor_banner
 from hlbd_ray.summary import finish
-from hlbd_ray.search import (ARCH_KEY, LR_KEY, REPEAT_KEY, build_scheduler, build_searcher,
-                             confirm_space, decode_arch, num_trials, param_space,
-                             uses_basic_generator)
-from hlbd_ray.trainer import (build_trainer, preflight, runs_that_fit, storage_join, user_error_in,
-                              with_cluster_precision)
-from hlbd_ray.confirm import candidates as confirm_candidates
+from hlbd_ray.trainer import (
+    build_trainer,
+    preflight,
+    runs_that_fit,
+    storage_join,
+    user_error_in,
+    with_cluster_precision,
+)
 
 CONFIRM_DIR = "confirm"   # the confirmation stage's Tune experiment, inside the sweep's folder
 
@@ -260,10 +274,10 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
 def confirm_stage(cfg: Config, search: list[Any], data_ref: Any, resources: TrialResources,
                   callbacks: list[Any], interrupt: Interrupt) -> list[Any]:
     """Retrain the search's top configs over fresh seeds (confirm.py); their results."""
-    from hlbd_ray.summary import trial_rows
+    from hlbd_ray.summary import final_table_rows
 
     s = cfg.sweep
-    picked = confirm_candidates(trial_rows(search, s.metric, str(s.mode)), s.confirm.top_k, str(s.mode))
+    picked = confirm_candidates(final_table_rows(search, s.metric, str(s.mode)), s.confirm.top_k, str(s.mode))
     if not picked:
         print("confirmation skipped: no search trial has a validation score", file=sys.stderr)
         return []

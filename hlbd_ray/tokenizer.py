@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from hlbd_ray.errors import UserError
 from hlbd_ray.files import atomic_write_json
@@ -48,7 +48,7 @@ class CharTokenizer:
         self._skipped = frozenset(self._ids[t] for t in (PAD, BOS, EOS, SEP))
 
     @classmethod
-    def build(cls, texts: Iterable[str], max_vocab: int) -> "CharTokenizer":
+    def build(cls, texts: Iterable[str], max_vocab: int) -> CharTokenizer:
         """Vocabulary of at most `max_vocab` ids; the rarest characters beyond it become [UNK]."""
         reserved = len(SPECIALS) + len(TAGS)
         if max_vocab <= reserved:
@@ -104,7 +104,7 @@ class CharTokenizer:
         return {"format": _FORMAT, "tokens": list(self._tokens)}
 
     @classmethod
-    def from_dict(cls, values: object) -> "CharTokenizer":
+    def from_dict(cls, values: object) -> CharTokenizer:
         """Inverse of `to_dict`; anything but a vocabulary this class could have built is refused."""
         if not isinstance(values, dict):
             raise UserError("invalid tokenizer vocabulary: not a JSON object")
@@ -124,7 +124,7 @@ class CharTokenizer:
         return atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "CharTokenizer":
+    def load(cls, path: str | Path) -> CharTokenizer:
         try:
             values = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

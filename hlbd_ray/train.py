@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,13 +24,21 @@ from hlbd_ray.config import Config, from_dict, to_dict
 from hlbd_ray.contract import Report
 from hlbd_ray.data import IGNORE_INDEX, Batch, PreparedData, iter_batches, num_batches
 from hlbd_ray.faults import FaultInjector
-from hlbd_ray.metrics import (ROW_COUNTS, TokenCounts, Window, all_reduce_sums, count_tokens,
-                              finite_or_none, perplexity, row_counts, token_loss_sum)
+from hlbd_ray.metrics import (
+    ROW_COUNTS,
+    TokenCounts,
+    Window,
+    all_reduce_sums,
+    count_tokens,
+    finite_or_none,
+    perplexity,
+    row_counts,
+    token_loss_sum,
+)
 from hlbd_ray.model import ModelSpec, build_model
 from hlbd_ray.optim import build_lr_schedule, build_optimizer, restore_lr_schedule, run_length
 from hlbd_ray.progress import EpochBar
-from hlbd_ray.session import (LocalSession, RayTrainSession, actor_banner, autocast,
-                              resolve_precision, scratch_dir)
+from hlbd_ray.session import LocalSession, RayTrainSession, actor_banner, autocast, resolve_precision, scratch_dir
 from hlbd_ray.tokenizer import CharTokenizer
 
 

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 # Ray's dashboard keeps the token in this cookie once its dialog (or POST /api/authenticate)
 # accepted it (ray/_private/authentication/authentication_constants.py).
@@ -14,7 +14,7 @@ RAY_AUTH_COOKIE = "ray-authentication-token"
 
 
 @contextmanager
-def chromium(width: int = 1400, height: int = 1000) -> Iterator["object"]:
+def chromium(width: int = 1400, height: int = 1000) -> Iterator[object]:
     from selenium import webdriver
 
     browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hlbd_ray.checkpoint import (STATE_FILE, CheckpointError, capture_rng, load_checkpoint,
-                                 restore_rng, save_checkpoint)
+from hlbd_ray.checkpoint import STATE_FILE, CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from hlbd_ray.session import LocalSession
 from hlbd_ray.train import TrainRun, train_locally
 

@@ -8,8 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hlbd_ray.config import (CONF_DIR, Config, LossOn, from_dict, load_config, space_pairs, to_dict,
-                             to_yaml, validate)
+from hlbd_ray.config import CONF_DIR, Config, LossOn, from_dict, load_config, space_pairs, to_dict, to_yaml, validate
 from hlbd_ray.data import make_batch, num_batches, prepare_data
 from hlbd_ray.errors import UserError
 from hlbd_ray.model import ModelSpec, build_model
@@ -49,8 +48,8 @@ def test_each_shipped_config_prepares_its_data_and_builds_every_model_it_trains(
 
 
 def test_the_shipped_configs_fit_the_machines_they_are_written_for():
-    from hlbd_ray.trainer import runs_that_fit
     from hlbd_ray.sweep import plan_resources
+    from hlbd_ray.trainer import runs_that_fit
 
     two_cpus = {"CPU": 2.0}
     assert runs_that_fit(load_config(CONF_DIR / "train.yaml").train, two_cpus) >= 1

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from hlbd_ray import live
-from hlbd_ray.console import (BUDGET, COMPLETED, ERRORED, INTERRUPTED, NOT_RUN, STOPPED,
-                              ExpectedEventFilter, SweepStatus)
+from hlbd_ray.console import BUDGET, COMPLETED, ERRORED, INTERRUPTED, NOT_RUN, STOPPED, ExpectedEventFilter, SweepStatus
 from hlbd_ray.summary import outcome_counts, outcome_line
 
 

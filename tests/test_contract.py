@@ -7,8 +7,19 @@ from dataclasses import fields
 
 import pytest
 
-from hlbd_ray.contract import (BEST, EPOCH_FLOATS, EPOCH_INTS, LAST_FLOATS, LAST_INTS, REPORT_KEYS,
-                               Report, TuneKeys, best_index, better, last_column)
+from hlbd_ray.contract import (
+    BEST,
+    EPOCH_FLOATS,
+    EPOCH_INTS,
+    LAST_FLOATS,
+    LAST_INTS,
+    REPORT_KEYS,
+    Report,
+    TuneKeys,
+    best_index,
+    better,
+    last_column,
+)
 from hlbd_ray.curves import summary_of
 from hlbd_ray.render import TABLE
 from hlbd_ray.run import SUMMARY_KEYS

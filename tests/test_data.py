@@ -14,10 +14,20 @@ import pytest
 import torch
 
 from hlbd_ray.config import DataConfig
-from hlbd_ray.data import (IGNORE_INDEX, EncodedSplit, Pair, encode_pairs, iter_batches, load_pairs,
-                           make_batch, num_batches, prepare_data, read_file)
-from hlbd_ray.facts import split_pairs
+from hlbd_ray.data import (
+    IGNORE_INDEX,
+    EncodedSplit,
+    Pair,
+    encode_pairs,
+    iter_batches,
+    load_pairs,
+    make_batch,
+    num_batches,
+    prepare_data,
+    read_file,
+)
 from hlbd_ray.errors import UserError
+from hlbd_ray.facts import split_pairs
 from hlbd_ray.tokenizer import CharTokenizer
 
 from .conftest import HLBD_DIR, HLBD_FILES

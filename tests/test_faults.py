@@ -17,7 +17,7 @@ import pytest
 
 from hlbd_ray.tables import read_parquet
 
-from .conftest import REPO, RAY_TEST_ENV, ray_temp_dir, run_job
+from .conftest import RAY_TEST_ENV, REPO, ray_temp_dir, run_job
 
 pytestmark = pytest.mark.slow
 SMOKE = str(REPO / "conf" / "smoke.yaml")

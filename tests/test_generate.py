@@ -138,7 +138,7 @@ def test_the_job_answers_prompts_from_arguments_and_a_file(tmp_path, micro_check
     decoder = Decoder.load(micro_checkpoint)
     answers = decoder.answer(["72 - 32 = ?", "十二生肖第5位是什么？", "秋天用英语怎么说？\n(two lines)"])
     shown = "\n".join(lines)
-    for text, complete in answers:
+    for text, _complete in answers:
         assert ("answer: " + text).replace("\n", "\n        ") in shown
     assert shown.count("[cut: no [EOS]") == sum(not complete for _, complete in answers)
     assert f"checkpoint {micro_checkpoint}" in result.stderr

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from .browser import RAY_AUTH_COOKIE, check_report_page, chromium, wait_for
-from .conftest import REPO, RAY_TEST_ENV
+from .conftest import RAY_TEST_ENV, REPO
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))

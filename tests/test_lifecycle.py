@@ -17,7 +17,7 @@ from ray import tune
 
 from hlbd_ray.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_STALLED
 
-from .conftest import REPO, RAY_TEST_ENV, run_job
+from .conftest import RAY_TEST_ENV, REPO, run_job
 
 pytestmark = pytest.mark.slow
 SMOKE = str(REPO / "conf" / "smoke.yaml")

@@ -7,8 +7,16 @@ import math
 import torch
 
 from hlbd_ray.data import IGNORE_INDEX
-from hlbd_ray.metrics import (PPL_LOSS_CAP, TokenCounts, Window, count_tokens, exact_sequences,
-                              finite_or_none, perplexity, token_loss_sum)
+from hlbd_ray.metrics import (
+    PPL_LOSS_CAP,
+    TokenCounts,
+    Window,
+    count_tokens,
+    exact_sequences,
+    finite_or_none,
+    perplexity,
+    token_loss_sum,
+)
 from hlbd_ray.model import APTModel, ModelSpec
 from hlbd_ray.tokenizer import UNK_ID, CharTokenizer
 

@@ -16,8 +16,7 @@ import pytest
 import hlbd_ray.report as report_mod
 import hlbd_ray.tables as tables_mod
 from hlbd_ray.report import ReportAggregator
-from hlbd_ray.tables import (CURVES_SCHEMA, EPOCHS_SCHEMA, TRIALS_SCHEMA, flatten_config,
-                             read_parquet)
+from hlbd_ray.tables import CURVES_SCHEMA, EPOCHS_SCHEMA, TRIALS_SCHEMA, flatten_config, read_parquet
 
 from .conftest import FakeTrial
 
@@ -189,7 +188,7 @@ def test_readers_only_ever_see_complete_files(tmp_path: Path) -> None:
     thread.start()
     try:
         pos = 10
-        for i in range(150):
+        for _ in range(150):
             for t in trials:
                 losses = [float(j % 7) for j in range(40)]
                 epoch = pos // 500

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .conftest import REPO, RAY_TEST_ENV, run_job
+from .conftest import RAY_TEST_ENV, REPO, run_job
 from .test_multinode import free_port
 
 SMOKE = str(REPO / "conf" / "smoke.yaml")

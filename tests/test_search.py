@@ -8,9 +8,20 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from hlbd_ray.config import SpaceConfig, SweepConfig
 from hlbd_ray.errors import UserError
-from hlbd_ray.search import (REPEAT_KEY, STAGE_KEY, EpochASHA, EpochOptunaSearch, build_scheduler,
-                             build_searcher, confirm_space, decode_arch, lr_grid, num_trials,
-                             param_space, valid_pairs)
+from hlbd_ray.search import (
+    REPEAT_KEY,
+    STAGE_KEY,
+    EpochASHA,
+    EpochOptunaSearch,
+    build_scheduler,
+    build_searcher,
+    confirm_space,
+    decode_arch,
+    lr_grid,
+    num_trials,
+    param_space,
+    valid_pairs,
+)
 
 
 def test_only_dividing_pairs_are_in_the_space():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, RAY_TEST_ENV
+from .conftest import RAY_TEST_ENV, REPO
 
 SMOKE = str(REPO / "conf" / "smoke.yaml")
 STRESS = ["cluster.num_cpus=2", "sweep.num_samples=30", "sweep.max_concurrent_trials=2",

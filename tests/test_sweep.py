@@ -15,14 +15,14 @@ import pytest
 import ray
 
 from hlbd_ray.config import load_config
-from hlbd_ray.data import prepare_data
-from hlbd_ray.generate import Decoder
-from hlbd_ray.errors import EXIT_USER_ERROR, UserError, run_cli
 from hlbd_ray.console import SweepStatus, status_line
+from hlbd_ray.data import prepare_data
+from hlbd_ray.errors import EXIT_USER_ERROR, UserError, run_cli
+from hlbd_ray.generate import Decoder
 from hlbd_ray.search import REPEAT_KEY
 from hlbd_ray.sweep import DRIVER_CPU, main, plan_resources, trial_config
 
-from .conftest import REPO, RAY_TEST_ENV, run_job
+from .conftest import RAY_TEST_ENV, REPO, run_job
 
 SMOKE = str(REPO / "conf" / "smoke.yaml")
 

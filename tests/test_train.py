@@ -42,7 +42,10 @@ def test_recorded_loss_is_the_true_loss_and_the_gradient_that_of_the_whole_group
     # The same gradient from one pass over both batches as a single token-mean loss.
     run.optimizer.zero_grad(set_to_none=True)
     width = max(b.inputs.shape[1] for b in group)
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)
+
+    def pad(t, v):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)
+
     inputs = torch.cat([pad(b.inputs, 0) for b in group])
     labels = torch.cat([pad(b.labels, IGNORE_INDEX) for b in group])
     (token_loss_sum(run.model(inputs), labels) / labels.ne(IGNORE_INDEX).sum()).backward()
