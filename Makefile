@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv sweep train report test test-fast bench clean
+.PHONY: venv sweep train report test test-fast test-extended bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m ruff check hlbd_ray jobs bench tests
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# The longest sweeps, left out of `make test` (see pyproject.toml).
+test-extended: $(STAMP)
+	$(PY) -m pytest -q -m extended $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

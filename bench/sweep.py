@@ -120,7 +120,7 @@ def bench_config(args: argparse.Namespace, out: Path) -> Config:
         "train.progress_bar=false", f"train.warmup_steps={2 if args.smoke else 10}", f"output_dir={out}",
         "sweep.name=bench", f"sweep.num_samples={args.trials}", f"sweep.scheduler={args.scheduler}",
         "sweep.search=random", f"sweep.space.d_model=[{args.d_model}]", "sweep.space.num_heads=[2,4,8]",
-        "report.every_s=5", "cluster.num_cpus=2"])
+        "sweep.confirm.top_k=0", "report.every_s=5", "cluster.num_cpus=2"])
 
 
 def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:

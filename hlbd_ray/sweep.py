@@ -123,7 +123,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
         # callback's last report can miss Tune when the run ends right after it (seen: a
         # confirmation trial's final epoch never reached Tune). Same shape as the train
         # loop's repeat after a resume: no batch losses, so no curve counts it twice.
-        final = {**result.metrics, "batch_losses": [], "batch_start": result.metrics.get("batch", 0)}
+        final = {**result.metrics, "batch_losses": [], "batch_start": result.metrics.get("batches", 0)}
         if result.checkpoint is not None:
             final["checkpoint_path"] = result.checkpoint.path
         tune.report(final)

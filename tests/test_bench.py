@@ -119,6 +119,7 @@ def test_render_smoke() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_load_smoke() -> None:
     result = run_smoke("load.py", timeout=400)
     assert result["all_rows"] is True and result["trials"] == [2, 4]
@@ -127,6 +128,7 @@ def test_load_smoke() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_regret_smoke() -> None:
     result = run_smoke("regret.py", timeout=240)
     check(result, {"seed_noise", "search_regret", "confirmed_regret"},

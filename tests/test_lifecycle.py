@@ -19,7 +19,7 @@ from hlbd_ray.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_STALLED
 
 from .conftest import RAY_TEST_ENV, REPO, run_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 SMOKE = str(REPO / "conf" / "smoke.yaml")
 # Two trials at once, every epoch run (no early stop), long enough to be interrupted.
 TWO_TRIALS = ["cluster.num_cpus=2", "sweep.num_samples=null", "sweep.scheduler=fifo",

@@ -69,16 +69,17 @@ def test_a_sweep_and_a_spread_run_on_a_multi_node_cluster(tmp_path, cluster):
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     exp = tmp_path / "smoke"
     trials = pq.read_table(exp / "report" / "trials.parquet").to_pylist()
-    assert len(trials) == 2 and all(t["epochs"] >= 1 and t["best_val_loss"] for t in trials)
+    assert len(trials) == 2 and all(t["epochs_done"] >= 1 and t["best_val_loss"] for t in trials)
     assert len({t["precision"] for t in trials}) == 1 and trials[0]["precision"] in ("bf16", "fp32")
     assert f"precision: auto is {trials[0]['precision']}" in sweep.stdout
     epochs = pq.read_table(exp / "report" / "epochs.parquet").to_pylist()
     assert sorted((e["trial_id"], e["epoch"]) for e in epochs) == sorted(
-        (t["trial_id"], e) for t in trials for e in range(t["epochs"]))
+        (t["trial_id"], e) for t in trials for e in range(t["epochs_done"]))
     best = json.loads((exp / "best.json").read_text())
     assert Path(best["checkpoint"]).is_dir() and (Path(best["checkpoint"]) / "state.pt").is_file()
     seen = train_workers_by_job(cluster.address)
-    sweep_nodes = {n for ns in seen.values() for n in ns}
+    # A worker actor Train created and gave up before it was placed has no node (None).
+    sweep_nodes = {n for ns in seen.values() for n in ns} - {None}
     assert len(sweep_nodes) == 2 and head_id not in sweep_nodes   # trials ran on the worker nodes
 
     # One run of two workers, one on each worker node (no node holds both) ...
@@ -91,8 +92,8 @@ def test_a_sweep_and_a_spread_run_on_a_multi_node_cluster(tmp_path, cluster):
     assert len(set(spread_nodes)) == 2 and head_id not in spread_nodes
     # ... whose metrics.jsonl the driver wrote whole: every report, every batch once.
     records = [json.loads(line) for line in (tmp_path / "spread" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["epoch_end"] and records[-1]["batch"] == records[-1]["epoch_batches"]   # 1 epoch
-    assert [r["batch_start"] for r in records[1:]] == [r["batch"] for r in records[:-1]]
+    assert records[-1]["epoch_end"] and records[-1]["batches"] == records[-1]["epoch_batches"]   # 1 epoch
+    assert [r["batch_start"] for r in records[1:]] == [r["batches"] for r in records[:-1]]
 
     # A worker group larger than any node set is refused up front, in one line.
     too_big = run_job("train.py", "--config", SMOKE, attach, "train.cpus_per_worker=2",

@@ -50,7 +50,7 @@ def finished_trials(report_dir) -> dict[str, int]:
     path = report_dir / "trials.parquet"
     if not path.is_file():
         return {}
-    return {t["trial_id"]: t["epochs"] for t in read_parquet(path).to_pylist()
+    return {t["trial_id"]: t["epochs_done"] for t in read_parquet(path).to_pylist()
             if t["status"] == "TERMINATED"}
 
 

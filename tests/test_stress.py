@@ -42,6 +42,7 @@ def run_bounded(args: list[str], log: Path, timeout: float, env: dict[str, str])
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(HANG_S + 60)
 def test_a_stress_sweep_ends_and_leaks_no_placement_group(tmp_path):
     log = tmp_path / "driver.log"
