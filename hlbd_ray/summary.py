@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import resource
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -95,10 +97,26 @@ def outcome_line(counts: dict[str, int], scheduler: str) -> str:
     return f"trials: {sum(counts.values())} = " + ", ".join(parts)
 
 
+def driver_usage(started: float) -> dict[str, float]:
+    """The driver's own cost: seconds since `started` (time.time()) and this process's
+    peak resident memory. Ray's processes and the trials are other processes, so they are
+    not in it."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024     # Linux counts KiB
+    return {"wall_s": round(time.time() - started, 1),
+            "peak_rss_mib": round(peak_bytes / 2**20, 1)}
+
+
+def usage_line(usage: dict[str, float]) -> str:
+    minutes, seconds = divmod(round(usage["wall_s"]), 60)
+    return f"driver: {minutes} min {seconds:02d} s since the job started, peak RSS {usage['peak_rss_mib']:.0f} MiB"
+
+
 def finish(cfg: Config, results: Any, exp_dir: Path, outcome: Callable[[str, bool], str] | None = None,
            stopped_by: str | None = None, stop_code: int = EXIT_OK,
-           placement: dict[str, Any] | None = None) -> int:
-    """Print the table and the outcome counts, save the best config and `sweep_end.json`.
+           placement: dict[str, Any] | None = None, started: float = 0.0) -> int:
+    """Print the table, the outcome counts and the driver's wall time and peak memory; save
+    the best config and `sweep_end.json`.
 
     Exit code: `stop_code` for a sweep stopped early (signal, stall), else 1 when every
     trial failed, else 0."""
@@ -123,9 +141,12 @@ def finish(cfg: Config, results: Any, exp_dir: Path, outcome: Callable[[str, boo
     elif rows and len(errored) == len(rows):
         print(f"\nevery trial failed ({len(rows)}); first error: {errored[0]['note']}", file=sys.stderr)
         code = EXIT_FAILURE
+    usage = driver_usage(started or time.time())
+    print(usage_line(usage))
     atomic_write_json(exp_dir / END_FILE, {
         "exit_code": code, "stopped_by": stopped_by, "outcomes": counts,
-        "best_trial": best["trial_id"] if best else None, "placement_groups": placement or {}})
+        "best_trial": best["trial_id"] if best else None, "placement_groups": placement or {},
+        "driver": usage})
     return code
 
 

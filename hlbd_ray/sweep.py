@@ -8,6 +8,7 @@ the trial id, so a restarted trial resumes its own checkpoints.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -195,13 +196,14 @@ def run_sweep_job(cfg: Config) -> int:
     Exit codes: 0 done, 1 every trial failed, 2 user error, 3 stalled, 130 SIGINT (Ctrl-C),
     143 SIGTERM; after 3, 130 and 143 the same command resumes the sweep.
     """
+    started = time.time()
     validate(cfg, sweep=True)
     cfg, data = preflight(cfg, cfg.sweep.name)
     report_dir = Path(cfg.output_dir) / cfg.sweep.name
     interrupt = Interrupt()
     with interrupt.installed(), driver_log(report_dir / "sweep.log"):
         try:
-            return run_sweep(cfg, data, report_dir, interrupt)
+            return run_sweep(cfg, data, report_dir, interrupt, started=started)
         except SweepInterrupted as stop:
             print(resume_hint(stop.reason), file=sys.stderr, flush=True)
             return stop.code
@@ -221,7 +223,9 @@ def tensorboard_dir(cfg: Config) -> str:
 
 
 def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
-              hooks: SweepHooks | None = None) -> int:
+              hooks: SweepHooks | None = None, started: float = 0.0) -> int:
+    """The sweep on a new local cluster (or the one named in cfg.cluster), then its
+    summary; `started` (time.time()) is when the job began, for the driver's wall time."""
     import ray
 
     from hlbd_ray.report import ReportAggregator
@@ -262,7 +266,7 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
         code = finish(cfg, results, report_dir,
                       outcome=lambda tid, errored: status.outcome(tid, errored, cut_short),
                       stopped_by=interrupt.reason, stop_code=interrupt.code,
-                      placement=keeper.summary(len(left)))
+                      placement=keeper.summary(len(left)), started=started or time.time())
         if interrupt.reason:
             print(resume_hint(interrupt.reason), file=sys.stderr, flush=True)
         return code

@@ -146,3 +146,20 @@ def test_an_actor_banner_names_trial_config_and_role():
     line = actor_banner("ab12_00003", "Train worker rank 1 of 2", 128, 4, 1.05e-3)
     assert line == ("[hlbd] trial ab12_00003: d_model 128, num_heads 4, lr 1.05e-03; "
                     "Train worker rank 1 of 2")
+
+
+def test_driver_usage_counts_this_process_in_mib_and_the_time_since_start():
+    import resource
+    import time
+
+    from hlbd_ray.summary import driver_usage, usage_line
+
+    ballast = bytearray(64 * 2**20)           # 64 MiB touched: the peak must include it
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    usage = driver_usage(time.time() - 65.0)
+    rss_now_mib = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+    assert usage["peak_rss_mib"] >= rss_now_mib - 0.1 >= 64   # KiB from getrusage, scaled right (to 0.1 MiB)
+    assert usage["peak_rss_mib"] < 64 * 1024                 # not scaled twice
+    assert 65.0 <= usage["wall_s"] < 75.0
+    assert usage_line(usage).startswith("driver: 1 min 05 s since the job started, peak RSS ")
+    del ballast

@@ -165,6 +165,8 @@ def test_smoke_sweep_end_to_end(tmp_path):
     rows = pq.read_table(exp / "report" / "modules.parquet").to_pylist()
     assert {r["module"] for r in rows} == modules and {r["metric"] for r in rows} == {"loss", "exact"}
     assert "best trial" in result.stdout and "[sweep" in result.stdout
+    usage = json.loads((exp / "sweep_end.json").read_text())["driver"]
+    assert usage["peak_rss_mib"] > 100 and 0 < usage["wall_s"] < 400 and "driver: " in result.stdout
     assert "confirmation:" in result.stdout and "seed noise" in result.stdout
     # A console a new user can read: a line per trial start and end, the outcome counts,
     # and none of the Ray tracebacks or cleaner chatter of trials being stopped.
