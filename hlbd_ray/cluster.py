@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -36,6 +37,32 @@ def ray_env_vars(cluster: ClusterConfig, extra: dict[str, str] | None = None) ->
     return {k: v for k, v in wanted.items() if k not in os.environ}
 
 
+def pin_cluster_address() -> None:
+    """Name this job's cluster in RAY_ADDRESS inside a Ray worker process.
+
+    Some Ray code finds its cluster by itself: Ray Train's placement-group cleaner calls
+    the state API with no address. Left to search, it fails with "Found multiple active
+    Ray instances" when another Ray runs on the same machine, or follows a stale
+    `ray_current_cluster` record to a dead one; then the cleaner dies and stops freeing
+    the placement groups of stopped trials (seen in the tests on a shared machine)."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def worker_setup(hook: str | Callable[[], None] | None) -> Callable[[], None]:
+    """The job's `worker_process_setup_hook`: pin the cluster address, then run `hook`
+    ("module.function" or a function), if any."""
+    def setup() -> None:
+        pin_cluster_address()
+        if isinstance(hook, str):
+            module, _, name = hook.rpartition(".")
+            getattr(importlib.import_module(module), name)()
+        elif hook is not None:
+            hook()
+    return setup
+
+
 def start_ray(cluster: ClusterConfig, extra_env: dict[str, str] | None = None,
               setup_hook: str | Callable[[], None] | None = None,
               dashboard_port: int = 0) -> dict[str, Any]:
@@ -52,9 +79,7 @@ def start_ray(cluster: ClusterConfig, extra_env: dict[str, str] | None = None,
     env = ray_env_vars(cluster, extra_env)
     os.environ.update(env)
     runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
-    if setup_hook:
-        runtime_env["worker_process_setup_hook"] = setup_hook
-    runtime_env = runtime_env or None
+    runtime_env["worker_process_setup_hook"] = worker_setup(setup_hook)
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

@@ -26,6 +26,10 @@ from hlbd_ray.files import atomic_write, atomic_write_text
 from hlbd_ray.tables import CURVES_FILE, EPOCHS_FILE, MODULES_FILE, REPORT_DIR, TRIALS_FILE, read_parquet, safe_name
 
 log = logging.getLogger(__name__)
+# A font cache written by another matplotlib install (a deleted venv) makes the first
+# render warn once per math font family it cannot open, ~20 lines on the sweep's console;
+# matplotlib falls back to its own fonts either way, so only errors should print.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 PLOTS_DIR = "plots"
 INDEX_FILE = "index.html"

@@ -121,15 +121,24 @@ def build_searcher(sweep: SweepConfig, max_concurrent: int) -> Any:
     """
     if sweep.search == "optuna":
         # metric and mode come from TuneConfig (Tune refuses them in two places).
+        quiet_optuna()
         searcher = EpochOptunaSearch(seed=sweep.seed)
     elif sweep.search == "random" and sweep.repeats > 1:
         # The basic generator cannot hand out one config several times; Optuna's random
         # sampler draws the same distribution, and Repeater copies each draw.
         from optuna.samplers import RandomSampler
+        quiet_optuna()
         searcher = EpochOptunaSearch(sampler=RandomSampler(seed=sweep.seed))
     else:
         return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent)
     return SeedRepeater(searcher, repeat=sweep.repeats) if sweep.repeats > 1 else searcher
+
+
+def quiet_optuna() -> None:
+    """Optuna logs "A new study created in memory" at INFO, on the sweep's console."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def uses_basic_generator(sweep: SweepConfig) -> bool:

@@ -40,7 +40,7 @@ from hlbd_ray.search import (
     param_space,
     uses_basic_generator,
 )
-from hlbd_ray.session import actor_banner
+from hlbd_ray.session import actor_banner, name_actor_in_logs
 from hlbd_ray.summary import finish
 from hlbd_ray.trainer import (
     build_trainer,
@@ -105,8 +105,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
 
     cfg = trial_config(from_dict(base), params)
     trial_id = tune.get_context().get_trial_id()
-    print(actor_banner(trial_id, "Tune trial actor (drives the Train run of the same name)",
-                       cfg.model.d_model, cfg.model.num_heads, cfg.train.lr), flush=True)
+    name_actor_in_logs(actor_banner(trial_id, "Tune trial actor (drives the Train run of the same name)",
+                                    cfg.model.d_model, cfg.model.num_heads, cfg.train.lr))
     # The mark lets the sweep driver free this trial's placement groups (placement.py).
     mark = trial_tag(trial_id, ray.get_runtime_context().get_actor_id())
     trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],

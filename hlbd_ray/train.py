@@ -38,7 +38,15 @@ from hlbd_ray.metrics import (
 from hlbd_ray.model import ModelSpec, build_model
 from hlbd_ray.optim import build_lr_schedule, build_optimizer, restore_lr_schedule, run_length
 from hlbd_ray.progress import EpochBar
-from hlbd_ray.session import LocalSession, RayTrainSession, actor_banner, autocast, resolve_precision, scratch_dir
+from hlbd_ray.session import (
+    LocalSession,
+    RayTrainSession,
+    actor_banner,
+    autocast,
+    name_actor_in_logs,
+    resolve_precision,
+    scratch_dir,
+)
 from hlbd_ray.tokenizer import CharTokenizer
 
 
@@ -51,8 +59,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Zero-copy from the object store: every trial shares one tokenized copy.
         data = ray.get(data)
     cfg, session = from_dict(loop_config["config"]), RayTrainSession()
-    print(actor_banner(session.run_name, f"Train worker rank {session.rank} of {session.world_size}",
-                       cfg.model.d_model, cfg.model.num_heads, cfg.train.lr), flush=True)
+    name_actor_in_logs(actor_banner(session.run_name, f"Train worker rank {session.rank} of {session.world_size}",
+                                    cfg.model.d_model, cfg.model.num_heads, cfg.train.lr))
     TrainRun(cfg, data, session).fit()
 
 

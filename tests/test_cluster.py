@@ -59,3 +59,44 @@ def test_a_dashboard_that_does_not_answer_falls_back_on_ray_auth_mode(monkeypatc
     assert auth_mode(url, timeout_s=1) == "disabled"
     monkeypatch.delenv("RAY_AUTH_MODE")
     assert auth_mode(url, timeout_s=1) == "token"    # Ray's default for a local cluster
+
+
+def _address_seen_by_ray_code() -> tuple[str | None, str]:
+    """What a Ray worker's own code (Train's placement-group cleaner, say) resolves as
+    "the cluster" when it passes no address."""
+    import os
+
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    return os.environ.get("RAY_ADDRESS"), canonicalize_bootstrap_address_or_die(None)
+
+
+@pytest.mark.slow
+def test_ray_code_in_workers_finds_its_own_cluster_beside_another_one(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    import ray
+
+    from hlbd_ray.cluster import start_ray
+    from hlbd_ray.config import ClusterConfig
+
+    # Another Ray on the same machine: unpinned, the lookup refuses ("multiple active
+    # Ray instances") and Train's cleaner dies with it.
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    other = subprocess.Popen([ray_cli, "start", "--head", "--port=0", "--num-cpus=0", "--include-dashboard=false",
+                              f"--temp-dir={tempfile.mkdtemp(prefix='rother-')}", "--block"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        start_ray(ClusterConfig(num_cpus=1))
+        try:
+            mine = ray.get_runtime_context().gcs_address
+            env_address, resolved = ray.get(ray.remote(num_cpus=0)(_address_seen_by_ray_code).remote(), timeout=120)
+            assert env_address == mine and resolved == mine
+        finally:
+            ray.shutdown()
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)
+        other.wait(timeout=60)

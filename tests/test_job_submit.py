@@ -97,12 +97,15 @@ def test_the_smoke_sweep_on_hlbd_full_runs_as_a_submitted_job(tmp_path):
         trials = pq.read_table(tmp_path / "out/smoke/report/trials.parquet").to_pylist()
         assert len(trials) == 4 and all(t["d_model"] % t["num_heads"] == 0 for t in trials)
         ids = {t["trial_id"] for t in trials}
-        # Every trial actor's and Train worker's log opens with its trial and config;
-        # Ray forwards those lines to the job's log.
+        # Every trial actor's and Train worker's log file opens with its trial and config,
+        # as Ray's actor-name line: the dashboard shows it, the job's log does not.
+        actor_logs = "".join(f.read_text(errors="replace")
+                             for f in (temp_dir / "session_latest" / "logs").glob("worker-*.out"))
         for role in ("Tune trial actor", "Train worker rank 0 of 1"):
-            banner = rf"\[hlbd\] trial (\S+): d_model 32, num_heads \d, lr [^;]+; {role}"
-            named = set(re.findall(banner, logs))
+            banner = rf":actor_name:\[hlbd\] trial (\S+): d_model 32, num_heads \d, lr [^;]+; {role}"
+            named = set(re.findall(banner, actor_logs))
             assert named == ids, (role, named)
+        assert "[hlbd] trial" not in logs
         # TensorBoard: our line names the experiment folder; Tune's hint (a temp folder) is gone.
         assert f"tensorboard --logdir {tmp_path / 'out/smoke'}" in logs
         assert "To visualize your results with TensorBoard" not in logs

@@ -174,6 +174,9 @@ def test_smoke_sweep_end_to_end(tmp_path):
     assert result.stdout.count(" started: ") == 8 and "trials: 8 = " in result.stdout
     assert "stopped early by ASHA" in result.stdout
     assert "Traceback" not in out and "PlacementGroupCleaner" not in out, out[-3000:]
+    # Nor the actors' name lines (they stay in the actors' logs), Optuna's study line or
+    # matplotlib's font fallbacks.
+    assert "[hlbd] trial" not in out and "A new study created" not in out and "findfont" not in out, out[-3000:]
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
