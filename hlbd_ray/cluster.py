@@ -54,16 +54,15 @@ def start_ray(cluster: ClusterConfig, extra_env: dict[str, str] | None = None,
     runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
     if setup_hook:
         runtime_env["worker_process_setup_hook"] = setup_hook
-    runtime_env = runtime_env or None
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        context = ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
     else:
         # "local" starts a fresh cluster even when a stale /tmp/ray/ray_current_cluster
         # (left by a head that was killed) would make a bare ray.init() try to attach.
         context = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                            include_dashboard=True, dashboard_host=cluster.dashboard_host,
-                           runtime_env=runtime_env, **({"dashboard_port": dashboard_port} if dashboard_port else {}))
+                           runtime_env=runtime_env or None, dashboard_port=dashboard_port or None)  # None: Ray's default
     url = getattr(context, "dashboard_url", None)
     info = {"address": address or "local", "dashboard_url": f"http://{url}" if url else None,
             "resources": ray.cluster_resources()}
