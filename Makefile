@@ -29,10 +29,12 @@ report: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check hlbd_ray jobs bench tests
+	$(PY) -m mypy
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m ruff check hlbd_ray jobs bench tests
+	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 # The longest sweeps, left out of `make test` (see pyproject.toml).

@@ -44,7 +44,6 @@ def load(paths: list[str]) -> tuple[float, PreparedData]:
 def per_trial(data: PreparedData, paths: list[str], trials: int) -> dict[str, list[float]]:
     import ray
 
-    @ray.remote(num_cpus=1)
     class Trial:
         def __init__(self) -> None:
             import hlbd_ray.data  # noqa: F401  (what unpickling the data needs)
@@ -58,6 +57,8 @@ def per_trial(data: PreparedData, paths: list[str], trials: int) -> dict[str, li
         def reread_s(self, paths: list[str]) -> float:
             return load(paths)[0]
 
+    # Applied as a call: type checkers ignore what a class decorator returns (an ActorClass).
+    trial_actor = ray.remote(num_cpus=1)(Trial)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         start = time.perf_counter()
@@ -65,7 +66,9 @@ def per_trial(data: PreparedData, paths: list[str], trials: int) -> dict[str, li
         put_ms = (time.perf_counter() - start) * 1e3
         out: dict[str, list[float]] = {"get_ms": [], "reread_s": [], "put_ms": [put_ms]}
         for i in range(trials):
-            trial = Trial.remote()
+            # Any: Ray types a handle as ActorHandle[Trial] | type[Trial], whose methods have
+            # no `.remote` unless declared with @ray.method, and without __ray_ready__.
+            trial: Any = trial_actor.remote()
             ray.get(trial.__ray_ready__.remote())
             if i % 2 == 0:
                 out["get_ms"].append(ray.get(trial.get_ms.remote([ref])))
@@ -87,6 +90,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="one load, two trials")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.smoke:
         args.repeats, args.trials = 1, 2
     return args
@@ -96,10 +101,8 @@ def main() -> None:
     args = parse_args()
     load_start = print_load("start")
     paths = args.data
-    loads, data = [], None
-    for _ in range(args.repeats):
-        seconds, data = load(paths)
-        loads.append(seconds)
+    runs = [load(paths) for _ in range(args.repeats)]
+    loads, data = [seconds for seconds, _ in runs], runs[-1][1]
     stats = data.dataset_stats
     size_mb = len(pickle.dumps(data, protocol=5)) / 2 ** 20
     trials = per_trial(data, paths, args.trials)

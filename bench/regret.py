@@ -45,10 +45,10 @@ from bench_output import print_json, print_load
 REPO = Path(__file__).resolve().parent.parent
 
 # conf/sweep.yaml's model on half its data (1,000 pairs), so the 36 ground-truth trials fit.
-FULL = {"base": ["data.generated_per_module=200"], "widths": [128, 192], "heads": [2, 4, 8],
-        "lrs": [3e-4, 1e-3, 3e-3], "top_k": 2, "seeds": 2}
-SMOKE = {"base": ["--config", "conf/smoke.yaml", "data.generated_per_module=20", "train.epochs=1"],
-         "widths": [32], "heads": [2, 4], "lrs": [3e-3], "top_k": 2, "seeds": 1}
+FULL: dict[str, Any] = {"base": ["data.generated_per_module=200"], "widths": [128, 192], "heads": [2, 4, 8],
+                        "lrs": [3e-4, 1e-3, 3e-3], "top_k": 2, "seeds": 2}
+SMOKE: dict[str, Any] = {"base": ["--config", "conf/smoke.yaml", "data.generated_per_module=20", "train.epochs=1"],
+                         "widths": [32], "heads": [2, 4], "lrs": [3e-3], "top_k": 2, "seeds": 1}
 
 
 def sweep(out: Path, name: str, mode: dict[str, Any], *overrides: str) -> tuple[list[dict], dict]:
@@ -111,7 +111,7 @@ def main() -> None:
     all_cpu = sum(t["last_time_total_s"] or 0.0 for t in searched)
     rows = [("search only (best trial)", best["search_best"], search_cpu),
             ("with confirmation", {"arch": best["arch"], "lr": best["lr"]}, all_cpu)]
-    best_key = min(truth, key=truth.get)
+    best_key = min(truth, key=truth.__getitem__)
     print(f"\n{configs} configs; best {best_key[0]} lr {best_key[1]:.0e} (true val_loss "
           f"{truth[best_key]:.4f}); seed noise (pooled sd of the final val_loss) {noise:.4f}; "
           f"exhaustive grid at one seed: {grid_cpu:.0f} CPU-s\n")

@@ -50,7 +50,7 @@ from hlbd_ray.train import TrainRun
 
 HLBD_DATA = ["hlbd:full", "hlbd:hardcore"]  # the shipped HLBD Full V2 and Hardcore V2 files
 VARIANTS = ("ours_fp32", "plain_fp32", "ours_bf16", "plain_bf16", "autopoietic")
-Step = Callable[[], None]
+Step = Callable[[], object]  # whatever it returns is dropped
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -227,6 +227,15 @@ def ours_step(run: TrainRun, batches: list[Batch]) -> Step:
     return step
 
 
+def group_step(run: TrainRun, group: list[Batch]) -> Step:
+    """One optimizer step over the micro-batches of `group`."""
+    def step() -> None:
+        run.accumulate(group)
+        run.optimizer_step()
+
+    return step
+
+
 # --- throughput: all variants interleaved ------------------------------------------------
 
 
@@ -302,7 +311,7 @@ def loss_curves(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         for p in runs if step % 2 == 0 else reversed(list(runs)):
             run = runs[p]
             torch.manual_seed(1000 + step)  # the same dropout masks for both precisions
-            wall, cpu_s = timed_cpu(lambda: (run.accumulate(group), run.optimizer_step()), device)  # noqa: B023
+            wall, cpu_s = timed_cpu(group_step(run, group), device)
             times[p].append(wall)
             cpu[p].append(cpu_s)
             w = run.window

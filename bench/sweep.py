@@ -68,7 +68,9 @@ def install_timers() -> None:
                 return None
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)
-            load = spec.loader.exec_module
+            assert spec is not None and spec.loader is not None  # the installed package, from source
+            loader = spec.loader
+            load = loader.exec_module
 
             def exec_module(module: Any) -> None:
                 start = time.time()
@@ -77,7 +79,7 @@ def install_timers() -> None:
                 # A Train worker imports the module when it receives the train function.
                 log.write(json.dumps({"run": None, "what": "import", "start": start, "end": time.time()}) + "\n")
 
-            spec.loader.exec_module = exec_module
+            setattr(loader, "exec_module", exec_module)  # noqa: B010 (patching one instance's method, on purpose)
             return spec
 
     sys.meta_path.insert(0, PatchOnImport())
@@ -140,7 +142,8 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
         """Trial start and end as the driver sees them, the report-derived fw+bw time, and
         `tuner.fit()`'s span (Tune sets its callbacks up when fit starts)."""
 
-        def setup(self, **info: Any) -> None:
+        def setup(self, stop: tune.Stopper | None = None, num_samples: int | None = None,
+                  total_num_samples: int | None = None, **info: Any) -> None:
             fit["start"] = time.time()
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -166,6 +169,7 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
     hooks = SweepHooks(callbacks=[Lifetimes()], env={TIMELINE_ENV: str(timeline)},
                        worker_setup=install_timers, dashboard_port=free_port())
     sweep(cfg, data, Path(cfg.output_dir) / cfg.sweep.name, Interrupt(), hooks)
+    assert cfg.cluster.num_cpus is not None  # bench_config sets it
     slots = plan_resources(cfg, {"CPU": float(cfg.cluster.num_cpus)}).max_concurrent
     # Cluster start: from the data being ready to fit() (includes building the Tuner).
     return {"trials": dict(lives), "start": fit["start"], "end": fit["end"], "slots": slots,

@@ -34,7 +34,10 @@ def rng_file(rank: int) -> str:
 
 def capture_rng() -> dict[str, Any]:
     """Python, numpy and torch (CPU and CUDA) random states as plain tensors and lists."""
-    np_state = np.random.get_state()
+    # legacy=True is numpy's default, spelled out: numpy 2's stubs type a bare call as the dict form.
+    np_state = np.random.get_state(legacy=True)
+    if not isinstance(np_state, tuple):  # the dict form comes only from a non-MT19937 generator
+        raise TypeError(f"numpy's global generator is not MT19937: {np_state.get('bit_generator')}")
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 from hlbd_ray.config import CONF_DIR, Config, load_config
 from hlbd_ray.errors import UserError
@@ -11,7 +12,7 @@ from hlbd_ray.errors import UserError
 class JobParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors (one line, exit 2, like every bad input)."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         # argparse would exit 2 itself; raising keeps one path for every user error.
         raise UserError(message)
 

@@ -88,7 +88,7 @@ def start_ray(cluster: ClusterConfig, extra_env: dict[str, str] | None = None,
         # (left by a head that was killed) would make a bare ray.init() try to attach.
         context = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                            include_dashboard=True, dashboard_host=cluster.dashboard_host,
-                           runtime_env=runtime_env, **({"dashboard_port": dashboard_port} if dashboard_port else {}))
+                           runtime_env=runtime_env, dashboard_port=dashboard_port or None)  # None: Ray's default
     url = getattr(context, "dashboard_url", None)
     info = {"address": address or "local", "dashboard_url": f"http://{url}" if url else None,
             "resources": ray.cluster_resources()}

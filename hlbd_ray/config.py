@@ -270,6 +270,12 @@ class Config:
     # The single-run job's folder name under output_dir (the sweep uses sweep.name).
     name: str = "train"
 
+    def resolved_storage_path(self) -> str:
+        """storage_path once `trainer.preflight` has resolved it (None before means output_dir)."""
+        if self.storage_path is None:
+            raise RuntimeError("storage_path is not resolved: run trainer.preflight on the config first")
+        return self.storage_path
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Schema <- YAML file <- dotlist overrides, then `validate`. Errors are UserErrors."""

@@ -13,11 +13,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hlbd_ray.contract import better
 from hlbd_ray.live import LiveCallback
 from hlbd_ray.search import ARCH_KEY, LR_KEY
+
+if TYPE_CHECKING:
+    from ray.tune import Stopper
 
 # Outcomes of a trial, as the final table and summary name them.
 COMPLETED, STOPPED, ERRORED = "COMPLETED", "STOPPED", "ERROR"
@@ -40,7 +43,8 @@ class SweepStatus(LiveCallback):
         self.stop_seen: set[str] = set()       # trials a scheduler decided to stop
         self.last_print = self.started_at = time.monotonic()
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, stop: Stopper | None = None, num_samples: int | None = None,
+              total_num_samples: int | None = None, **info: Any) -> None:
         self.last_print = self.started_at = time.monotonic()
 
     def get_state(self) -> dict[str, Any]:

@@ -123,8 +123,10 @@ class EpochCurve:
         if skip > 0:
             losses, start = losses[skip:], self.next
         first, width, buckets = self.first, self.width, self.buckets
-        cur = buckets[-1] if buckets else None
-        cur_index = cur.index if cur is not None else -1
+        # Without a bucket yet, a placeholder at index -1 (never stored): every real
+        # index is >= 0, so the first batch replaces it and the hot loop needs no None check.
+        cur = buckets[-1] if buckets else Bucket(-1, start)
+        cur_index = cur.index
         index = start
         for x in losses:
             b = (index - first) // width

@@ -212,7 +212,7 @@ def load_pairs(paths: list[str], generated_per_module: int, seed: int) -> tuple[
 
     A path is a file or the short name of a shipped file (`hlbd:full`, see hlbd_data).
     """
-    sources = []
+    sources: list[tuple[dict[str, Any], list[Pair]]] = []  # (file info, its pairs)
     if not paths:
         doc = datagen.generate(generated_per_module, seed)
         _, pairs = parse_document(doc, GENERATED, GENERATED)
@@ -236,7 +236,7 @@ def load_pairs(paths: list[str], generated_per_module: int, seed: int) -> tuple[
 
 # --- sequences ------------------------------------------------------------------------
 
-@dataclass
+@dataclass(init=False)  # modules/truncated may be omitted, yet are always arrays once built
 class EncodedSplit:
     """Sequences [BOS] prompt [SEP] answer [EOS], concatenated.
 
@@ -250,15 +250,17 @@ class EncodedSplit:
     tokens: np.ndarray  # int32
     offsets: np.ndarray  # int64, len(self) + 1
     answer_starts: np.ndarray  # int32
-    modules: np.ndarray | None = None  # int32, len(self)
-    truncated: np.ndarray | None = None  # bool, len(self)
-    module_names: tuple[str, ...] = ("all",)
+    modules: np.ndarray  # int32, len(self)
+    truncated: np.ndarray  # bool, len(self)
+    module_names: tuple[str, ...]
 
-    def __post_init__(self) -> None:
-        if self.modules is None:
-            self.modules = np.zeros(len(self), dtype=np.int32)
-        if self.truncated is None:
-            self.truncated = np.zeros(len(self), dtype=bool)
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, answer_starts: np.ndarray,
+                 modules: np.ndarray | None = None, truncated: np.ndarray | None = None,
+                 module_names: tuple[str, ...] = ("all",)) -> None:
+        self.tokens, self.offsets, self.answer_starts = tokens, offsets, answer_starts
+        self.modules = np.zeros(len(self), dtype=np.int32) if modules is None else modules
+        self.truncated = np.zeros(len(self), dtype=bool) if truncated is None else truncated
+        self.module_names = module_names
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -280,7 +280,9 @@ _MAKERS: dict[str, list[Maker]] = {
 def _module_pairs(module: str, count: int, seed: int) -> list[dict[str, str]]:
     # A string seed is hashed with SHA-512 by `random`, independent of PYTHONHASHSEED.
     rng = random.Random(f"hlbd-datagen:{seed}:{module}")
-    makers, seen, pairs, repeats = _MAKERS[module], set(), [], 0
+    makers, repeats = _MAKERS[module], 0
+    seen: set[str] = set()
+    pairs: list[dict[str, str]] = []
     while len(pairs) < count:
         prompt, answer = rng.choice(makers)(rng)
         if prompt in seen:  # distinct prompts: no duplicates for the loader to drop

@@ -48,8 +48,12 @@ _FINAL_PUNCTUATION = ".。!！?？"
 
 
 class HasFact(Protocol):
-    module: str
-    fact: str
+    # Read-only, so frozen dataclasses (data.Pair) match too.
+    @property
+    def module(self) -> str: ...
+
+    @property
+    def fact(self) -> str: ...
 
 
 P = TypeVar("P", bound=HasFact)

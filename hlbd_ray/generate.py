@@ -120,9 +120,10 @@ class Decoder:
                 for tokens in self.decode([self.prefix(p) for p in prompts])]
 
     @torch.no_grad()
-    def validation_loss(self, split: EncodedSplit, loss_on: str = "answer", batch_size: int = 64) -> float:
+    def validation_loss(self, split: EncodedSplit, loss_on: str = "answer", batch_size: int = 64) -> float | None:
         """The token-weighted mean loss over `split`, as a run's validation computes it
-        (dropout off, the labels `loss_on` selects): a checkpoint re-scored on its own."""
+        (dropout off, the labels `loss_on` selects): a checkpoint re-scored on its own.
+        None when no token counts or the loss is not finite (as a run reports it)."""
         counts = TokenCounts()
         for batch in iter_batches(split, batch_size, seed=0, epoch=0, shuffle=False, loss_on=loss_on):
             b = batch.to(self.device)

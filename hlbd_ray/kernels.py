@@ -43,7 +43,7 @@ class ScoreMLP(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         s, a, b, c = ctx.saved_tensors
         grad = grad.contiguous()
         grad_s = grad.clone()

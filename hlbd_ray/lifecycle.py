@@ -15,10 +15,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hlbd_ray.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_STALLED
 from hlbd_ray.live import LiveCallback
+
+if TYPE_CHECKING:
+    from ray.tune import Stopper
 
 # The floor of the default stall timeout (a trial's first epoch on a busy machine can
 # take minutes); the sweep's Train worker-group start timeout follows the stall timeout.
@@ -112,7 +115,8 @@ class StallWatchdog(LiveCallback):
         self.interrupt, self.configured_s = interrupt, stall_timeout_s
         self.setup()
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, stop: Stopper | None = None, num_samples: int | None = None,
+              total_num_samples: int | None = None, **info: Any) -> None:
         self.last_progress = time.monotonic()
         self.last_report: dict[str, float] = {}
         self.epoch_start: dict[str, float] = {}

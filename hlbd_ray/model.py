@@ -55,6 +55,8 @@ class ModelSpec(ModelConfig):
 
 
 class CausalSelfAttention(nn.Module):
+    future: torch.Tensor  # a buffer: nn.Module's __getattr__ alone types it Tensor | Module
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.num_heads, self.dropout = spec.num_heads, spec.dropout
@@ -126,12 +128,13 @@ class APTModel(nn.Module):
         self.spec = spec
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
         self.pos_emb = nn.Embedding(spec.max_seq_len, spec.d_model)
-        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
+        blocks = [Block(spec) for _ in range(spec.num_layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(spec.d_model)
         self.apply(self._init_weights)
         # GPT-2: each residual branch adds to the stream, so scale the layers that write
         # into it by 1/sqrt(2 * layers) to keep the stream's variance flat with depth.
-        for block in self.blocks:
+        for block in blocks:  # the typed list: iterating the ModuleList yields bare Modules
             for layer in (block.attn.proj, block.fc_out):
                 nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * spec.num_layers))
 

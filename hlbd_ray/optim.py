@@ -93,7 +93,8 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
     """AdamW; norms, biases and embeddings are not decayed (decay would shrink them to no end)."""
     embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
                         for p in m.parameters()}
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if not param.requires_grad:
             continue
@@ -118,7 +119,11 @@ def restore_lr_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dic
     before this holds the next step's LR under the checkpoint's plan, so it is set again.
     """
     saved = [plan for plan in state.get("lr_lambdas", []) if plan]
-    current = [asdict(fn) for fn in scheduler.lr_lambdas]
+    current = []
+    for fn in scheduler.lr_lambdas:
+        if not isinstance(fn, LRSchedule):  # asdict would fail on it anyway, less clearly
+            raise TypeError(f"the scheduler's LR function is {type(fn).__name__}, not build_lr_schedule's LRSchedule")
+        current.append(asdict(fn))
     scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
     if saved and saved != current:
         changed = {k: (saved[0].get(k), v) for k, v in current[0].items() if saved[0].get(k) != v}

@@ -146,6 +146,7 @@ class PlacementGroupKeeper(LiveCallback):
         removed = 0
         for group in groups:
             trial, owner = marks_of(group)
+            assert trial is not None  # `groups` holds marked groups only
             first = self.first_seen.setdefault(group.placement_group_id, now)
             ended = self.ended.get(trial)
             if owner in alive and (trial in running or (ended and now - ended < self.grace_s)):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 
 from hlbd_ray.curves import MODULES_KEY, CurveStore, TrialCurves
 from hlbd_ray.render import PageRenderer
@@ -102,7 +102,8 @@ class ReportAggregator(Callback):
             self.load_files()
 
     # ---- Tune callback hooks (all run on the driver's one thread) ----
-    def setup(self, **info: Any) -> None:
+    def setup(self, stop: Stopper | None = None, num_samples: int | None = None,
+              total_num_samples: int | None = None, **info: Any) -> None:
         if self._restored:
             # Tune's saved state and our files are written at different moments: take
             # whichever holds more of each trial.
@@ -287,9 +288,12 @@ class ReportAggregator(Callback):
             ("trials", self.report_dir / TRIALS_FILE,
              lambda p: write_parquet(p, self.trials_table(trials))),
         ]
+
+        def trial_writer(tid: str) -> Callable[[Path], None]:  # binds this trial's id, not the loop's last
+            return lambda p: write_json(p, self._trial_json(tid, trials[tid], stamp))
+
         for tid in trials:
-            jobs.append((f"trial:{tid}", self.report_dir / "trials" / safe_name(tid) / JSON_FILE,
-                         lambda p, tid=tid: write_json(p, self._trial_json(tid, trials[tid], stamp))))
+            jobs.append((f"trial:{tid}", self.report_dir / "trials" / safe_name(tid) / JSON_FILE, trial_writer(tid)))
         jobs.append(("sweep", self.report_dir / JSON_FILE,
                      lambda p: write_json(p, self._sweep_json(trials, epochs, modules, curves, stamp))))
         return jobs
@@ -356,7 +360,7 @@ class ReportAggregator(Callback):
             return grouped
 
         epochs_of, modules_of = by_trial(epochs), by_trial(modules)
-        no_curves = {n: [] for n in CURVES_SCHEMA.names[1:]}
+        no_curves: dict[str, list] = {n: [] for n in CURVES_SCHEMA.names[1:]}
         docs = [{"trial_id": tid, "status": row["status"], "error": row["error"],
                  "config": self.trials[tid].config,
                  "summary": {k: v for k, v in row.items()

@@ -116,7 +116,7 @@ def run_training_job(cfg: Config) -> int:
         from ray.util.queue import Queue
 
         reports = Queue(actor_options={"num_cpus": 0})
-        trainer = build_trainer(cfg, ray.put(data), cfg.storage_path, cfg.name,
+        trainer = build_trainer(cfg, ray.put(data), cfg.resolved_storage_path(), cfg.name,
                                 [make_metrics_callback(reports)])
         try:
             with MetricsWriter(run_dir / "metrics.jsonl", reports):

@@ -90,10 +90,10 @@ class SeedRepeater(Repeater):
     """Tune's Repeater (the searcher learns from the mean over a config's copies), where a
     copy that ended without the metric counts as missing (nan) instead of failing."""
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs: Any) -> None:
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False, **kwargs: Any) -> None:
         if result is not None and result.get(self.searcher.metric) is None:
             result = {k: v for k, v in result.items() if k != self.searcher.metric}
-        super().on_trial_complete(trial_id, result, **kwargs)
+        super().on_trial_complete(trial_id, result, error=error, **kwargs)
 
 
 class EpochASHA(AsyncHyperBandScheduler):

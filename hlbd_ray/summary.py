@@ -59,7 +59,7 @@ def final_table_rows(results: Any, metric: str, mode: str,
             row["note"] = str(result.error).strip().splitlines()[-1][:200]
         ends = history[history["epoch_end"] == True] if history is not None and "epoch_end" in history else None  # noqa: E712
         best_at = best_index(ends[metric].tolist(), mode) if ends is not None and metric in ends else None
-        if best_at is not None:
+        if ends is not None and best_at is not None:  # (a best_at implies ends; spelled out for the type checker)
             best = ends.iloc[best_at]
             row.update(best_metric=finite_or_none(best[metric]),
                        best_val_loss=finite_or_none(best.get("val_loss")),
@@ -175,7 +175,7 @@ def save_best(cfg: Config, rows: list[dict[str, Any]], exp_dir: Path, qualifier:
     best = pick(pool, key=lambda r: r["best_metric"])
     best_cfg = trial_config(cfg, {ARCH_KEY: best["arch"], LR_KEY: best["lr"], REPEAT_KEY: best["repeat"]})
     atomic_write_text(exp_dir / "best_config.yaml", to_yaml(best_cfg))
-    best = {**best, "checkpoint": storage_uri(cfg.storage_path, best["checkpoint"])}
+    best = {**best, "checkpoint": storage_uri(cfg.resolved_storage_path(), best["checkpoint"])}
     record: dict[str, Any] = {"stage": stage, "metric": s.metric, "mode": str(s.mode),
                               **{k: best[k] for k in BEST_KEYS}}
     if search:

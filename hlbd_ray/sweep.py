@@ -108,7 +108,9 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
     name_actor_in_logs(actor_banner(trial_id, "Tune trial actor (drives the Train run of the same name)",
                                     cfg.model.d_model, cfg.model.num_heads, cfg.train.lr))
     # The mark lets the sweep driver free this trial's placement groups (placement.py).
-    mark = trial_tag(trial_id, ray.get_runtime_context().get_actor_id())
+    owner = ray.get_runtime_context().get_actor_id()
+    assert owner is not None  # None only outside an actor, and a Tune trial runs in one
+    mark = trial_tag(trial_id, owner)
     trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
                             worker_cpu=worker_cpu, label_selector=mark)
     try:
@@ -141,7 +143,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
     function of the finished search, so a resumed sweep rebuilds the same space.
     """
     s = cfg.sweep
-    experiment = storage_join(cfg.storage_path, s.name)
+    experiment = storage_join(cfg.resolved_storage_path(), s.name)
     # The data ref travels inside a list so Tune hands the reference, not the data, to
     # every trial: workers fetch it zero-copy from the object store.
     trainable = tune.with_parameters(
@@ -149,7 +151,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
         train_storage=storage_join(experiment, "train"), worker_cpu=resources.worker_cpu)
     trainable = tune.with_resources(trainable, {"cpu": DRIVER_CPU})
     if candidates is None:
-        storage, name, space = cfg.storage_path, s.name, param_space(s)
+        storage, name, space = cfg.resolved_storage_path(), s.name, param_space(s)
         search_alg, scheduler = build_searcher(s, resources.max_concurrent), build_scheduler(s, cfg.train.epochs)
         num_samples, budget = num_trials(s), s.time_budget_s or None
         # The basic generator enforces the limit itself (see build_searcher).
@@ -218,7 +220,7 @@ def start_timeout_s(sweep: SweepConfig) -> float:
 
 def tensorboard_dir(cfg: Config) -> str:
     """Where Tune writes each trial's event files: the experiment folder in storage."""
-    experiment = storage_join(cfg.storage_path, cfg.sweep.name)
+    experiment = storage_join(cfg.resolved_storage_path(), cfg.sweep.name)
     return experiment if "://" in experiment else str(Path(experiment).resolve())
 
 

@@ -116,7 +116,7 @@ def best_metrics(summaries: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
 def curve_columns(store: CurveStore) -> dict[str, dict[str, list]]:
     """Per trial, its buckets as columns in CURVES_SCHEMA order: the rows of curves.parquet
     (columns, because a write serialises up to points x epochs x trials of them)."""
-    out = {}
+    out: dict[str, dict[str, list]] = {}
     for tid in sorted(store.trials):
         curves = store.trials[tid].sorted_epochs()
         bs = [b for c in curves for b in c.buckets]

@@ -14,6 +14,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from hlbd_ray.errors import UserError
 from hlbd_ray.files import atomic_write_json
@@ -110,8 +111,8 @@ class CharTokenizer:
             raise UserError("invalid tokenizer vocabulary: not a JSON object")
         _check(values.get("format") == _FORMAT, f"format is {values.get('format')!r}, expected {_FORMAT!r}")
         tokens = values.get("tokens")
-        _check(isinstance(tokens, list) and all(isinstance(t, str) for t in tokens),
-               "'tokens' must be a list of strings")
+        if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+            _fail("'tokens' must be a list of strings")  # an `if`, so the type checker sees a list below
         head = len(SPECIALS) + len(TAGS)
         _check(tuple(tokens[:head]) == SPECIALS + TAGS, f"the first {head} tokens must be {list(SPECIALS + TAGS)}")
         chars = tokens[head:]
@@ -137,4 +138,8 @@ class CharTokenizer:
 
 def _check(ok: bool, problem: str) -> None:
     if not ok:
-        raise UserError(f"invalid tokenizer vocabulary: {problem}")
+        _fail(problem)
+
+
+def _fail(problem: str) -> NoReturn:
+    raise UserError(f"invalid tokenizer vocabulary: {problem}")

@@ -238,9 +238,8 @@ class TrainRun:
         """Clip and step; a non-finite gradient skips the update and is counted, never hidden."""
         p = self.state
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                              self.t.grad_clip if self.t.grad_clip > 0 else float("inf"))
-        norm = float(norm)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                    self.t.grad_clip if self.t.grad_clip > 0 else float("inf")))
         if math.isfinite(norm):
             self.scaler.step(self.optimizer)
             p.consecutive_skips = 0
@@ -272,6 +271,7 @@ class TrainRun:
             with self._autocast():
                 logits = self.model(b.inputs)
             rows = row_counts(logits, b.labels, b.answer, b.truncated).cpu()
+            assert b.modules is not None  # make_batch always sets them; only hand-made batches lack them
             sums.index_add_(0, b.modules.cpu(), rows)
         sums = torch.tensor(all_reduce_sums(sums.flatten().tolist()), dtype=torch.float64).view_as(sums)
         self.model.train()

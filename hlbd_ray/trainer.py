@@ -91,12 +91,15 @@ def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
 
     from hlbd_ray.train import train_loop_per_worker
 
+    # ray.train binds its Train V2 classes (our runtime: V2 is the default) only under
+    # `if is_v2_enabled():`, so type checkers see the V1 ScalingConfig/RunConfig, which lack
+    # label_selector and logging_config: hence the two `type: ignore[call-arg]` below.
     t = cfg.train
     resources = {"CPU": worker_cpu if worker_cpu is not None else t.cpus_per_worker}
     if t.gpus_per_worker > 0:
         resources["GPU"] = t.gpus_per_worker
     scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
-                            resources_per_worker=resources, label_selector=label_selector)
+                            resources_per_worker=resources, label_selector=label_selector)  # type: ignore[call-arg]
     run_config = RunConfig(
         name=name, storage_path=storage_path,
         failure_config=FailureConfig(max_failures=t.max_failures),
@@ -107,7 +110,7 @@ def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
             checkpoint_score_order=str(cfg.sweep.mode)),
         callbacks=callbacks or [],
         # Ray Train logs every report at INFO; our metrics file and reports hold them.
-        logging_config=LoggingConfig(log_level="WARNING"))
+        logging_config=LoggingConfig(log_level="WARNING"))  # type: ignore[call-arg]
     return TorchTrainer(train_loop_per_worker, scaling_config=scaling, run_config=run_config,
                         train_loop_config={"config": to_dict(cfg), "data": data})
 
