@@ -160,3 +160,57 @@ def test_regret_counts_in_seed_noise_against_the_one_seed_grid() -> None:
     assert noise == pytest.approx(math.sqrt(0.02)) and grid_cpu == 30     # first copies only
     assert regret.regret_of({"arch": "64x2", "lr": 1e-3}, truth, noise) == 0
     assert regret.regret_of({"arch": "64x4", "lr": 1e-3}, truth, noise) == pytest.approx(0.4 / math.sqrt(0.02))
+
+
+def load_bench(name: str):
+    """A bench script as a module (bench/ on sys.path while it loads, as when run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.mark.parametrize("overrides", [[], ["sweep.space.lr_values=[1e-4,3e-3]"]])
+def test_time_to_quality_peer_searches_the_sweeps_space(overrides: list[str]) -> None:
+    """The peer builds its Optuna space and trial configs without Ray; they must be what
+    Ray's OptunaSearch makes of hlbd_ray.search.param_space, and trial_config's."""
+    from dataclasses import replace
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    from hlbd_ray.config import load_config
+    from hlbd_ray.search import param_space
+    from hlbd_ray.sweep import trial_config
+
+    ttq = load_bench("time_to_quality")
+    cfg = load_config(str(ROOT / "conf" / "sweep.yaml"), overrides)
+    assert ttq.peer_space(cfg.sweep) == OptunaSearch.convert_search_space(param_space(cfg.sweep))
+    params = {"arch": "192x3", "lr": 1.5e-3}
+    assert ttq.peer_trial_config(cfg, params, 2) == replace(
+        trial_config(cfg, params), train=replace(trial_config(cfg, params).train, cpus_per_worker=2))
+
+
+@pytest.mark.slow
+def test_time_to_quality_smoke() -> None:
+    result = run_smoke("time_to_quality.py", timeout=300)
+    check(result, {"overhead_cpu_s_per_trial", "ttq_ratio"}, {"wall_ratio", "ttq_ratio_common", "step_share"})
+    ours, peer = result["ours"], result["peer"]
+    # The same trials on both sides: fewer than TPE's 10 random start-up draws, same seed.
+    assert ours["trials"] == peer["trials"] == 4 and result["same_configs"]
+    for side in (ours, peer):
+        losses = [loss for _, loss, _ in side["curve"]]
+        times = [t for t, _, _ in side["curve"]]
+        assert losses and losses == sorted(losses, reverse=True) and times == sorted(times)
+        assert 0 < times[-1] <= side["wall_s"] and losses[-1] == side["best_val_loss"]
+        assert 0 < side["step_share"] <= 1 and side["tree_cpu_s"] > 0
+    assert result["wall_ratio"] == pytest.approx(peer["wall_s"] / ours["wall_s"])
+    assert result["ttq_ratio_common"] == pytest.approx(result["peer_time_to_common_s"] / result["ours_time_to_common_s"])
+    expected = result["peer_time_to_target_s"] / result["ours_time_to_target_s"] if result["ours_reached_target"] else 0
+    assert result["ttq_ratio"] == pytest.approx(expected)
+    assert result["target_val_loss"] == peer["best_val_loss"]
