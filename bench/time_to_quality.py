@@ -150,7 +150,7 @@ def run_peer(out: Path, job_argv: list[str]) -> None:
     space, trials = peer_space(s), []
     for n in range(sampled_configs(s)):
         trial = study.ask(fixed_distributions=space)
-        session = PrunedSession(trial, out / "trials" / str(n), run_name=f"peer_{n}")
+        session, started = PrunedSession(trial, out / "trials" / str(n), run_name=f"peer_{n}"), time.time()
         try:
             TrainRun(peer_trial_config(cfg, trial.params, threads), data, session).fit()
             values = [r[s.metric] for r in session.stamped if r["epoch_end"] and r[s.metric] is not None]
@@ -160,7 +160,7 @@ def run_peer(out: Path, job_argv: list[str]) -> None:
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             state = "pruned"
-        trials.append({"params": trial.params, "state": state, "reports": session.stamped})
+        trials.append({"params": trial.params, "state": state, "start": started, "reports": session.stamped})
     (out / "peer.json").write_text(json.dumps({"threads": threads, "trials": trials}))
 
 
@@ -171,12 +171,13 @@ REPORT_KEYS = ("epoch_end", "epochs_done", "val_loss", "val_exact", "fw_ms", "bw
 
 
 class TreeCPU:
-    """The largest user+system CPU seen per process of a tree, by (pid, start time)."""
+    """The largest user+system CPU seen per process of a tree, by (pid, start time), and
+    each process's role (Ray names its worker processes `ray::<actor class>`)."""
 
     def __init__(self, pid: int):
         import psutil
 
-        self.psutil, self.root, self.seen = psutil, psutil.Process(pid), {}
+        self.psutil, self.root, self.seen, self.roles = psutil, psutil.Process(pid), {}, {}
 
     def sample(self) -> None:
         ps = self.psutil
@@ -187,12 +188,35 @@ class TreeCPU:
         for p in procs:
             try:
                 times, key = p.cpu_times(), (p.pid, p.create_time())
+                if self.roles.get(key, "ray::IDLE") == "ray::IDLE":   # an idle worker may take an actor on
+                    self.roles[key] = role(p.cmdline() or [p.name()])
             except ps.Error:
                 continue
             self.seen[key] = max(self.seen.get(key, 0.0), times.user + times.system)
 
     def total(self) -> float:
         return sum(self.seen.values())
+
+    def by_role(self) -> dict[str, list[float]]:
+        """role -> [CPU seconds, processes], largest CPU first."""
+        out: dict[str, list[float]] = {}
+        for key, cpu in self.seen.items():
+            entry = out.setdefault(self.roles.get(key, "?"), [0.0, 0])
+            entry[0] += cpu
+            entry[1] += 1
+        return dict(sorted(out.items(), key=lambda item: -item[1][0]))
+
+
+def role(cmdline: list[str]) -> str:
+    """`ray::TrainController` (method suffix dropped), else the program or Python script."""
+    first = cmdline[0]
+    if first.startswith("ray::"):
+        return first.split()[0].split(".")[0]
+    if "python" in Path(first).name and len(cmdline) > 1:
+        args = cmdline[1:]
+        target = args[args.index("-m") + 1] if "-m" in args[:-1] else next((a for a in args if a.endswith(".py")), args[0])
+        return Path(target).name
+    return Path(first).name
 
 
 def run_measured(args: list[str], log: Path) -> dict[str, Any]:
@@ -213,7 +237,7 @@ def run_measured(args: list[str], log: Path) -> dict[str, Any]:
         raise SystemExit(f"{args[1]} failed ({proc.returncode}); its output: {log}\n{output[-3000:]}")
     reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"start": start, "wall_s": end - start, "tree_cpu_s": tree.total(), "rusage_children_cpu_s": reaped,
-            "processes_seen": len(tree.seen), "output": output}
+            "processes_seen": len(tree.seen), "cpu_by_role": tree.by_role(), "output": output}
 
 
 def run_ours(job: list[str], out: Path, extra: list[str] | None = None) -> dict[str, Any]:
@@ -248,6 +272,7 @@ def run_peer_side(job: list[str], out: Path) -> dict[str, Any]:
     run = run_measured(args, out.parent / f"{out.name}.log")
     peer = json.loads((out / "peer.json").read_text())
     for trial in peer["trials"]:
+        trial["start"] -= run["start"]
         for r in trial["reports"]:
             r["t"] -= run["start"]
     return {**run, "slots": 1, "threads": peer["threads"], "trials": peer["trials"]}
@@ -284,6 +309,7 @@ def summarize(side: dict[str, Any]) -> dict[str, Any]:
     exacts = [r["val_exact"] for t in trials for r in t["reports"] if r["epoch_end"] and r["val_exact"] is not None]
     epochs = [max((r["epochs_done"] or 0 for r in t["reports"]), default=0) for t in trials]
     n = max(len(trials), 1)
+    launches = sorted(launch_s(t) for t in trials if t["reports"] and "start" in t)
     return {"wall_s": side["wall_s"], "trials": len(trials), "slots": side["slots"], "threads": side["threads"],
             "tree_cpu_s": side["tree_cpu_s"], "rusage_children_cpu_s": side["rusage_children_cpu_s"],
             "processes_seen": side["processes_seen"], "step_s": step_s,
@@ -293,7 +319,17 @@ def summarize(side: dict[str, Any]) -> dict[str, Any]:
             "best_val_exact": max(exacts) if exacts else None, "epochs_per_trial": epochs,
             "configs": [f"{t['params']['arch']} lr {t['params']['lr']:.3e}" for t in trials],
             "first_trial_start_s": min((t["start"] for t in trials if "start" in t), default=None),
+            "launch_s": launches, "launch_s_median": launches[len(launches) // 2] if launches else None,
+            "cpu_by_role": side.get("cpu_by_role", {}),
             "curve": [[round(t, 2), loss, exact] for t, loss, exact in best]}
+
+
+def launch_s(trial: dict[str, Any]) -> float:
+    """Trial start to its first training step: the first report's time, less its window's
+    fw+bw time (the window's optimizer steps and batching stay in, a few % of it)."""
+    first = min(trial["reports"], key=lambda r: r["t"])
+    steps = (first["fw_ms"] or 0.0) + (first["bw_ms"] or 0.0)
+    return first["t"] - trial["start"] - steps * (first["batches"] - first["batch_start"]) / 1e3
 
 
 def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +356,7 @@ def print_report(ours: dict[str, Any], peer: dict[str, Any], c: dict[str, Any]) 
             ("tree CPU (s)", "tree_cpu_s", ".1f"), ("  reaped children CPU (s)", "rusage_children_cpu_s", ".1f"),
             ("training steps (s, fw+bw)", "step_s", ".1f"), ("CPU outside steps / trial (s)", "overhead_cpu_s_per_trial",
                                                              ".1f"),
-            ("step_share", "step_share", ".3f")]
+            ("step_share", "step_share", ".3f"), ("launch, median (s)", "launch_s_median", ".1f")]
     for label, key, fmt in rows:
         if key is None:
             a, b = f"{ours['slots']} x {ours['threads']}", f"{peer['slots']} x {peer['threads']}"
@@ -336,9 +372,19 @@ def print_report(ours: dict[str, Any], peer: dict[str, Any], c: dict[str, Any]) 
     print(f"configs tried, ours: {', '.join(ours['configs'])}\nconfigs tried, peer: {', '.join(peer['configs'])}"
           f"\nthe same configs on both sides: {c['same_configs']}")
     print(f"epochs per trial, ours {ours['epochs_per_trial']}, peer {peer['epochs_per_trial']}")
+    print(f"launch per trial (s), ours {fmt_list(ours['launch_s'])}, peer {fmt_list(peer['launch_s'])}")
+    print("ours, process-tree CPU by process role (s, processes): " + roles_line(ours["cpu_by_role"]))
     print("\nbest val_loss so far (s since start)")
     for t, loss in curve_table(ours, peer):
         print(f"  {t:7.1f}  ours {loss[0]:>8}  peer {loss[1]:>8}")
+
+
+def fmt_list(values: list[float]) -> str:
+    return " ".join(f"{v:.1f}" for v in values)
+
+
+def roles_line(roles: dict[str, list[float]], top: int = 12) -> str:
+    return ", ".join(f"{name} {cpu:.1f} ({int(n)})" for name, (cpu, n) in list(roles.items())[:top])
 
 
 def curve_table(ours: dict[str, Any], peer: dict[str, Any]) -> list[tuple[float, tuple[str, str]]]:
@@ -442,7 +488,11 @@ def markdown(ours: dict[str, Any], peer: dict[str, Any], c: dict[str, Any], scal
         f"{peer['overhead_cpu_s_per_trial']:.1f} |",
         f"| step_share | {ours['step_share']:.3f} | {peer['step_share']:.3f} |",
         f"| epochs per trial | {' '.join(map(str, ours['epochs_per_trial']))} | "
-        f"{' '.join(map(str, peer['epochs_per_trial']))} |", "",
+        f"{' '.join(map(str, peer['epochs_per_trial']))} |",
+        f"| launch: trial start to first step, median (s) | {f(ours['launch_s_median'], '.1f')} | "
+        f"{f(peer['launch_s_median'], '.1f')} |", "",
+        f"Configs: the same {ours['trials']} on both sides ({c['same_configs']}). Ours, the process tree's CPU by "
+        f"role (seconds, processes): {roles_line(ours['cpu_by_role'])}.", "",
         f"Against the issue's targets: `ttq_ratio` {c['ttq_ratio']:.2f} (target >= 1.2), `wall_ratio` "
         f"{c['wall_ratio']:.2f} (>= 1.0), `overhead_cpu_s_per_trial` {ours['overhead_cpu_s_per_trial']:.1f} "
         f"(<= 5). At the worse of the two final bests ({c['common_val_loss']:.4f}) the time ratio is "
