@@ -188,7 +188,9 @@ class TreeCPU:
         for p in procs:
             try:
                 times, key = p.cpu_times(), (p.pid, p.create_time())
-                if self.roles.get(key, "ray::IDLE") == "ray::IDLE":   # an idle worker may take an actor on
+                # A Ray worker starts as setup_worker.py, then takes the title ray::IDLE, then
+                # its actor's: look again until it names an actor.
+                if self.roles.get(key, "ray::IDLE") in ("ray::IDLE", "setup_worker.py", "default_worker.py"):
                     self.roles[key] = role(p.cmdline() or [p.name()])
             except ps.Error:
                 continue
@@ -538,6 +540,9 @@ def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
     if MARK_START in old:
         head, rest = old.split(MARK_START, 1)
         new = head + block + rest.split(MARK_END, 1)[1]
+    elif NODES_START in old:     # bench/two_nodes.py wrote its part first
+        head, rest = old.split(NODES_START, 1)
+        new = head.rstrip("\n") + "\n\n" + block + "\n\n" + NODES_START + rest
     else:
         nodes = f"{NODES_START}\n_The two-node check (`bench/two_nodes.py`) has not run yet._\n{NODES_END}"
         new = old.rstrip("\n") + "\n\n" + block + "\n\n" + nodes + "\n"
