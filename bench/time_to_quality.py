@@ -471,7 +471,8 @@ def markdown(ours: dict[str, Any], peer: dict[str, Any], c: dict[str, Any], scal
     reach = "" if c["ours_reached_target"] else " (never reached; time of its own best)"
     lines = [
         "## 12. Time to quality — `bench/time_to_quality.py`", "",
-        f"One run, {meta['date']} UTC, {meta['cpu']}; 1-minute load {meta['load_start']:.2f} at the start, "
+        f"One run, {meta['date']} UTC{', commit `' + meta['commit'] + '`' if meta.get('commit') else ''}, "
+        f"{meta['cpu']}; 1-minute load {meta['load_start']:.2f} at the start, "
         f"{meta['load_end']:.2f} at the end. `{meta['command']}`: `conf/sweep.yaml` with the confirmation "
         "stage off, the same seed, space and trial count on both sides: ours is `jobs/sweep.py` (its own "
         "local Ray cluster), the peer one in-process Optuna study (TPE + SuccessiveHalvingPruner at the same "
@@ -574,7 +575,8 @@ def parse_args() -> argparse.Namespace:
 def measure(args: argparse.Namespace, print_load: Any) -> dict[str, Any]:
     """Both runs; what they measured is also saved as raw.json in --out (for --again)."""
     job = SMOKE_JOB if args.smoke else FULL_JOB
-    saved = {"load_start": print_load("start"), "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    saved = {"load_start": print_load("start"), "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+             "commit": git_commit()}
     with tempfile.TemporaryDirectory(prefix="bench-ttq-") as tmp:
         out = Path(args.out or tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -586,6 +588,18 @@ def measure(args: argparse.Namespace, print_load: Any) -> dict[str, Any]:
         saved["load_end"] = print_load("end")
         atomic_write(out / "raw.json", json.dumps(saved))
     return saved
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, `+` when tracked files differ from it (what was measured)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
 
 
 def main() -> None:
@@ -605,7 +619,7 @@ def main() -> None:
     print_report(ours, peer, c)
     load_end = saved.get("load_end") or print_load("end")
     if args.write:
-        meta = {"date": saved["date"], "cpu": cpu_model(), "load_start": load_start, "load_end": load_end,
+        meta = {"date": saved["date"], "commit": saved.get("commit"), "cpu": cpu_model(), "load_start": load_start, "load_end": load_end,
                 "command": "python bench/time_to_quality.py --write"}
         figure = plot(ours, peer, REPO / "bench" / "figures" / "time_to_quality.png")
         write_section(markdown(ours, peer, c, scale, meta, figure))
