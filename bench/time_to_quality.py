@@ -385,8 +385,19 @@ def fmt_list(values: list[float]) -> str:
     return " ".join(f"{v:.1f}" for v in values)
 
 
+# A Ray worker process before it takes its actor's title (all of them, in runs made before
+# TreeCPU looked again: run 2 of BENCHMARKS.md section 12).
+UNNAMED_WORKER = {"setup_worker.py": "Ray workers, actor unnamed", "default_worker.py": "Ray workers, actor unnamed"}
+
+
 def roles_line(roles: dict[str, list[float]], top: int = 12) -> str:
-    return ", ".join(f"{name} {cpu:.1f} ({int(n)})" for name, (cpu, n) in list(roles.items())[:top])
+    merged: dict[str, list[float]] = {}
+    for name, (cpu, n) in roles.items():
+        entry = merged.setdefault(UNNAMED_WORKER.get(name, name), [0.0, 0])
+        entry[0] += cpu
+        entry[1] += n
+    ranked = sorted(merged.items(), key=lambda item: -item[1][0])[:top]
+    return ", ".join(f"{name} {cpu:.1f} ({int(n)})" for name, (cpu, n) in ranked)
 
 
 def curve_table(ours: dict[str, Any], peer: dict[str, Any]) -> list[tuple[float, tuple[str, str]]]:
