@@ -44,11 +44,17 @@ Measured, per side:
       overhead_cpu_s_per_trial = (tree CPU - step CPU) / trials
       step_share               = step time / (wall x concurrent trial slots)
   Validation, checkpoints and the optimizer count as overhead on both sides, so the
-  difference between the two sides' figures is what the sweep machinery costs.
+  difference between the two sides' figures is what the sweep machinery costs. The tree's
+  CPU is also split by process role (Ray names a worker process `ray::<actor class>`).
+- launch: a trial's start to its first training step, i.e. its first report's time less
+  that window's fw+bw time (its optimizer steps and batching stay in).
+- scaling: the model of BENCHMARKS.md section 12 ("Scaling past one machine"), fed with
+  this run's start-up, trial lives and slot efficiency (`scaling_model`).
 
-    python bench/time_to_quality.py                   # conf/sweep.yaml: ~10-12 minutes on 2 cores
-    python bench/time_to_quality.py --write           # ... and write BENCHMARKS.md section 12
-    python bench/time_to_quality.py --smoke --json    # micro model, 4 tiny trials, ~1.5 minutes
+    python bench/time_to_quality.py                   # conf/sweep.yaml: ~4 minutes on 2 cores
+    python bench/time_to_quality.py --write --out DIR # ... and write BENCHMARKS.md section 12 (DIR/raw.json kept)
+    python bench/time_to_quality.py --again DIR/raw.json --write   # the report again, nothing run
+    python bench/time_to_quality.py --smoke --json    # micro model, 4 tiny trials, about a minute
 """
 
 from __future__ import annotations
@@ -572,7 +578,7 @@ def atomic_write(path: Path, text: str) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="micro model, 4 tiny trials, ~1.5 minutes")
+    parser.add_argument("--smoke", action="store_true", help="micro model, 4 tiny trials, about a minute")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--write", action="store_true", help="write section 12 of BENCHMARKS.md and its figure")
     parser.add_argument("--out", help="keep both runs' folders and raw.json here (default: a temporary folder)")
