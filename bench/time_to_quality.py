@@ -141,7 +141,8 @@ def run_peer(out: Path, job_argv: list[str]) -> None:
 
         def __init__(self, trial: Any, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            self.trial, self.stamped = trial, []
+            self.trial = trial
+            self.stamped: list[dict[str, Any]] = []
 
         def report(self, metrics: dict[str, Any], checkpoint_dir: Any = None) -> None:
             super().report(metrics, checkpoint_dir)
@@ -183,7 +184,9 @@ class TreeCPU:
     def __init__(self, pid: int):
         import psutil
 
-        self.psutil, self.root, self.seen, self.roles = psutil, psutil.Process(pid), {}, {}
+        self.psutil, self.root = psutil, psutil.Process(pid)
+        self.seen: dict[tuple[int, float], float] = {}
+        self.roles: dict[tuple[int, float], str] = {}
 
     def sample(self) -> None:
         ps = self.psutil
@@ -346,6 +349,8 @@ def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
     peer_t, ours_t = time_to(cp, target), time_to(co, target)
     common = max(target, ours["best_val_loss"])
     peer_c, ours_c = time_to(cp, common), time_to(co, common)
+    # Each side reaches its own final best, so the peer its target and both the worse best.
+    assert peer_t is not None and peer_c is not None and ours_c is not None
     return {"target_val_loss": target, "peer_time_to_target_s": peer_t,
             "ours_reached_target": ours_t is not None,
             # Never reached: the time ours reached its own best, the closest it got.
@@ -359,7 +364,7 @@ def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
 
 def print_report(ours: dict[str, Any], peer: dict[str, Any], c: dict[str, Any]) -> None:
     print(f"\n{'':34}{'ours (Ray sweep)':>18}{'peer (Optuna)':>16}")
-    rows = [("trials", "trials", "d"), ("concurrent slots x threads", None, None), ("wall (s)", "wall_s", ".1f"),
+    rows = [("trials", "trials", "d"), ("concurrent slots x threads", None, ""), ("wall (s)", "wall_s", ".1f"),
             ("best val_loss", "best_val_loss", ".4f"), ("best val_exact", "best_val_exact", ".3f"),
             ("tree CPU (s)", "tree_cpu_s", ".1f"), ("  reaped children CPU (s)", "rusage_children_cpu_s", ".1f"),
             ("training steps (s, fw+bw)", "step_s", ".1f"), ("CPU outside steps / trial (s)", "overhead_cpu_s_per_trial",
@@ -411,9 +416,9 @@ def curve_table(ours: dict[str, Any], peer: dict[str, Any]) -> list[tuple[float,
     end = max(ours["wall_s"], peer["wall_s"])
     rows = []
     for t in (0.1 * end, 0.25 * end, 0.5 * end, 0.75 * end, end):
-        shown = tuple("-" if v is None else f"{v:.4f}" for v in (at([tuple(p) for p in s["curve"]], t)
-                                                                 for s in (ours, peer)))
-        rows.append((t, shown))
+        a, b = ("-" if v is None else f"{v:.4f}" for v in (at([tuple(p) for p in s["curve"]], t)
+                                                          for s in (ours, peer)))
+        rows.append((t, (a, b)))
     return rows
 
 
