@@ -109,7 +109,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
     # The mark lets the sweep driver free this trial's placement groups (placement.py).
     mark = trial_tag(trial_id, ray.get_runtime_context().get_actor_id())
     trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
-                            worker_cpu=worker_cpu, label_selector=mark)
+                            worker_cpu=worker_cpu, label_selector=mark,
+                            controller_in_process=cfg.sweep.controller_in_trial, lean=cfg.sweep.lean_train_actors)
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
@@ -169,7 +170,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
     tune_config = tune.TuneConfig(
         metric=s.metric, mode=str(s.mode), num_samples=num_samples, search_alg=search_alg,
         scheduler=scheduler, max_concurrent_trials=limit, time_budget_s=budget,
-        trial_dirname_creator=lambda trial: trial.trial_id)
+        trial_dirname_creator=lambda trial: trial.trial_id, reuse_actors=s.reuse_actors)
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=s.trial_max_failures))

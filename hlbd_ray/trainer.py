@@ -78,18 +78,21 @@ def runs_that_fit(t: TrainConfig, cluster: dict[str, float], what: str = "one ru
 
 def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
                   callbacks: list[Any] | None = None, worker_cpu: float | None = None,
-                  label_selector: dict[str, str] | None = None):
+                  label_selector: dict[str, str] | None = None,
+                  controller_in_process: bool = False, lean: bool = False):
     """A TorchTrainer for one run; `data` is a PreparedData or its ObjectRef.
 
     `worker_cpu` overrides what each worker asks for (a sweep trial's driver takes a
     sliver of the trial's CPUs); threads still follow train.cpus_per_worker.
     `label_selector` goes to every worker and every bundle of the run's placement
     groups (a sweep trial marks its groups with it, see placement.py).
+    `controller_in_process` and `lean`: see `trainer_class` (sweep trials only).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from hlbd_ray.train import train_loop_per_worker
+
+    TorchTrainer = trainer_class(controller_in_process, lean)
 
     t = cfg.train
     resources = {"CPU": worker_cpu if worker_cpu is not None else t.cpus_per_worker}
@@ -110,6 +113,50 @@ def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
         logging_config=LoggingConfig(log_level="WARNING"))
     return TorchTrainer(train_loop_per_worker, scaling_config=scaling, run_config=run_config,
                         train_loop_config={"config": to_dict(cfg), "data": data})
+
+
+def trainer_class(controller_in_process: bool = False, lean: bool = False) -> type:
+    """Ray's TorchTrainer, or a subclass that starts fewer Ray processes per run.
+
+    Ray 2.60 has no public switch for either; both override private TrainTrainer hooks
+    (`_initialize_and_run_controller`, `_create_default_callbacks`, data_parallel_trainer.py):
+    - controller_in_process: run Train's `TrainController` (an asyncio loop) in the calling
+      thread instead of in an actor of its own, as Train's local mode does for its own
+      controller. In a sweep the caller is the Tune trial actor, which the controller
+      actor was a child of anyway: it lives and dies with the trial either way.
+    - lean: leave out the DatasetsCallback when the run has no Ray Data datasets (it
+      starts a DatasetManager actor regardless) and the PlacementGroupCleanerCallback (a
+      detached actor per run that removes the run's placement group if the controller
+      dies; in a sweep the driver's PlacementGroupKeeper does that, see placement.py).
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not (controller_in_process or lean):
+        return TorchTrainer
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+            from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+            callbacks = super()._create_default_callbacks()
+            if not lean:
+                return callbacks
+            unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+            return [c for c in callbacks if not isinstance(c, unused)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+            if not controller_in_process:
+                return super()._initialize_and_run_controller(**controller_init_kwargs)
+            import asyncio
+
+            from ray.train.v2._internal.execution.controller import TrainController
+
+            controller = TrainController(**controller_init_kwargs)
+            asyncio.run(controller.run())
+            return controller.get_result()
+
+    return LeanTorchTrainer
 
 
 def user_error_in(err: BaseException) -> UserError | None:
