@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from hlbd_ray.banner import actor_banner  # noqa: F401  (re-exported: train.py, tests)
+
 T = TypeVar("T")
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -176,13 +178,3 @@ def scratch_dir() -> Iterator[Path]:
         yield Path(folder)
 
 
-def actor_banner(run: str, role: str, d_model: int, num_heads: int, lr: float) -> str:
-    """The first line of a trial's actor logs (dashboard: Actors -> Log), naming the trial
-    (in a sweep the Train run is named after it), its config and the actor's role.
-
-    Ray shows only the class name of the actors Train creates (RayTrainWorker,
-    TrainController) and a function trainable's name for Tune's, the same for every
-    trial: this line is what tells them apart. Ray also forwards it to the driver's
-    console, prefixed with the actor's class and pid."""
-    return (f"[hlbd] trial {run}: d_model {d_model}, num_heads {num_heads}, lr {lr:.2e}; "
-            f"{role}")

@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hlbd_ray.config import Config, Precision, TrainConfig, to_dict
-from hlbd_ray.data import PreparedData, prepare_data
-from hlbd_ray.datareport import format_table, write_report
 from hlbd_ray.errors import UserError
 from hlbd_ray.files import ensure_writable_dir
-from hlbd_ray.model import resolve_factory
-from hlbd_ray.optim import run_length
-from hlbd_ray.session import resolve_on_cluster
 from hlbd_ray.storage import storage_join  # noqa: F401  (part of this library's interface)
+
+if TYPE_CHECKING:
+    from hlbd_ray.data import PreparedData
+
+# The modules that import torch (data, datareport, model, optim, session, train) are
+# imported inside the functions that need them: a sweep trial's process imports this
+# module to build its trainer and should not pay for torch (hlbd_ray/trial.py).
 
 
 def preflight(cfg: Config, folder: str | None = None) -> tuple[Config, PreparedData]:
@@ -32,6 +34,11 @@ def preflight(cfg: Config, folder: str | None = None) -> tuple[Config, PreparedD
     are printed and dataset_report.json is written to output_dir/`folder` (default
     `name`; a sweep passes sweep.name). A bad input leaves no output behind.
     """
+    from hlbd_ray.data import prepare_data
+    from hlbd_ray.datareport import format_table, write_report
+    from hlbd_ray.model import resolve_factory
+    from hlbd_ray.optim import run_length
+
     if cfg.model.factory:
         resolve_factory(cfg.model.factory)
     t = cfg.train
@@ -176,6 +183,8 @@ def user_error_in(err: BaseException) -> UserError | None:
 def with_cluster_precision(cfg: Config) -> Config:
     """The config with train.precision resolved once for the workers' hardware (Ray running),
     so every trial of a sweep runs, and is compared, at the same precision."""
+    from hlbd_ray.session import resolve_on_cluster
+
     t = cfg.train
     precision = resolve_on_cluster(str(t.precision), t.cpus_per_worker, t.gpus_per_worker)
     if t.precision == Precision.auto:
