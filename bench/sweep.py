@@ -20,8 +20,14 @@ report, periodic reports, other loop work (batching, metrics), teardown (last lo
 estimate (fw_ms + bw_ms x batches, which leaves out the optimizer) is printed beside the
 measured step time as a cross-check.
 
+CPU: the whole process tree's CPU seconds during `fit()` are read from /proc (cluster
+daemons, every Ray worker, the driver), per process kind; "CPU outside steps per trial"
+is that total less the CPU of the step calls, over the trials. The hook also records
+which processes import torch.
+
     python bench/sweep.py                 # ~4-5 minutes on 2 cores (8 trials, up to ~50 s of steps each)
     python bench/sweep.py --smoke --json
+    python bench/sweep.py --trials 4 --epochs 1 --set sweep.controller_in_trial=false   # a lever off
 """
 
 from __future__ import annotations
