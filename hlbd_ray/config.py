@@ -205,8 +205,10 @@ class SweepConfig:
     # the Train controller inside the trial's own process instead of an actor of its own,
     # and no Train helper actors the sweep has no use for (the dataset manager, with no
     # Ray Data datasets; the placement-group cleaner, whose work the sweep's keeper does).
-    controller_in_trial: bool = True
-    lean_train_actors: bool = True
+    # Off by default until the end-to-end smoke sweep's console check passes with them on
+    # (one run showed a Traceback, cause not yet found; BENCHMARKS.md section 3).
+    controller_in_trial: bool = False
+    lean_train_actors: bool = False
     # Tune's actor reuse between trials.
     reuse_actors: bool = False
     space: SpaceConfig = field(default_factory=SpaceConfig)
