@@ -20,8 +20,14 @@ report, periodic reports, other loop work (batching, metrics), teardown (last lo
 estimate (fw_ms + bw_ms x batches, which leaves out the optimizer) is printed beside the
 measured step time as a cross-check.
 
+CPU: the whole process tree's CPU seconds during `fit()` are read from /proc (cluster
+daemons, every Ray worker, the driver), per process kind; "CPU outside steps per trial"
+is that total less the CPU of the step calls, over the trials. The hook also records
+which processes import torch.
+
     python bench/sweep.py                 # ~4-5 minutes on 2 cores (8 trials, up to ~50 s of steps each)
     python bench/sweep.py --smoke --json
+    python bench/sweep.py --trials 4 --epochs 1 --set sweep.controller_in_trial=false   # a lever off
 """
 
 from __future__ import annotations
@@ -83,6 +89,26 @@ def install_timers() -> None:
             return spec
 
     sys.meta_path.insert(0, PatchOnImport())
+    sys.meta_path.insert(0, LogTorchImport())
+
+
+class LogTorchImport:
+    """Meta path finder that records which Ray process imports torch, and from where (the
+    innermost frames of Ray and of this package): torch costs ~1-2 s of CPU per process."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        import sys
+        import traceback
+
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        frames = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack()
+                  if "/ray/" in f.filename or "hlbd_ray" in f.filename][-4:]
+        title = Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        with open(Path(os.environ[TIMELINE_ENV]) / f"torch-{os.getpid()}.json", "w") as out:
+            json.dump({"pid": os.getpid(), "title": title, "frames": frames}, out)
+        return None
 
 
 def wrap_methods(cls: type) -> Any:
@@ -95,19 +121,121 @@ def wrap_methods(cls: type) -> Any:
 
         @functools.wraps(original)
         def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
-            start = time.time()
+            start, cpu = time.time(), time.process_time()
             try:
                 return original(self, *args, **kwargs)
             finally:
                 run = getattr(getattr(self, "session", None), "run_name", "?")
                 # One write per line, line-buffered: a killed worker loses nothing written.
-                log.write(json.dumps({"run": run, "what": name, "start": start, "end": time.time()}) + "\n")
+                # cpu: the process's CPU seconds in the call (all its threads).
+                log.write(json.dumps({"run": run, "what": name, "start": start, "end": time.time(),
+                                      "cpu": time.process_time() - cpu}) + "\n")
 
         setattr(cls, name, timed)
 
     for name in TIMED:
         wrap(name)
     return log
+
+
+# --- CPU of the process tree --------------------------------------------------------------
+
+
+class TreeCPU:
+    """CPU seconds of this process and all its descendants (the local cluster's GCS, raylet,
+    dashboard and every Ray worker), read from /proc every `every_s` seconds while the
+    sweep runs (psutil is not a dependency; this is Linux-only, like the machine).
+
+    Each process is keyed by (pid, start time) and keeps its last reading and its last
+    title other than an idle worker's ("ray::TrainController.run" -> TrainController).
+    A process that exits loses at most its CPU of the last interval; the ones alive at
+    start count from their reading then.
+    """
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        import threading
+
+        self.every_s, self.root = every_s, os.getpid()
+        self.first: dict[tuple[int, int], float] = {}
+        self.last: dict[tuple[int, int], float] = {}
+        self.title: dict[tuple[int, int], str] = {}
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks (this sampler is in one) into the experiment state; a
+        # copy needs no thread.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_stop", "_thread")}
+
+    def start(self) -> None:
+        self._sample(initial=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def _sample(self, initial: bool = False) -> None:
+        stats = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    raw = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue  # exited meanwhile
+                # Fields after the parenthesised command: state ppid ... utime(14) stime(15) ... starttime(22).
+                fields = raw[raw.rindex(")") + 2:].split()
+                stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self.tick, int(fields[19]))
+        mine, frontier = {self.root}, [self.root]
+        children: dict[int, list[int]] = defaultdict(list)
+        for pid, (ppid, _, _) in stats.items():
+            children[ppid].append(pid)
+        while frontier:
+            for child in children[frontier.pop()]:
+                mine.add(child)
+                frontier.append(child)
+        for pid in mine:
+            _, cpu, started = stats[pid]
+            key = (pid, started)
+            if initial:
+                self.first[key] = cpu
+            self.last[key] = cpu
+            title = self._title(pid)
+            if title and title != "IDLE":
+                self.title[key] = title
+            else:
+                self.title.setdefault(key, title or "?")
+
+    @staticmethod
+    def _title(pid: int) -> str | None:
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            return None
+        if argv0.startswith("ray::"):  # a Ray worker's title: ray::Class.method or ray::IDLE
+            return argv0[5:].split(".")[0].split(" ")[0]
+        return Path(argv0.split(" ")[0]).name
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds used during the measurement, summed per process title; the root
+        process (the sweep driver: Tune, the callbacks, this sampler) is "driver"."""
+        kinds: dict[str, float] = defaultdict(float)
+        for key, cpu in self.last.items():
+            kind = "driver" if key[0] == self.root else self.title.get(key, "?")
+            kinds[kind] += cpu - self.first.get(key, 0.0)
+        return dict(kinds)
+
+    def title_of(self, pid: int) -> str:
+        return next((title for key, title in self.title.items() if key[0] == pid), "?")
+
+    def count(self, kind: str) -> int:
+        return sum(title == kind for key, title in self.title.items() if key[0] != self.root)
 
 
 # --- the sweep ----------------------------------------------------------------------------
@@ -122,10 +250,10 @@ def bench_config(args: argparse.Namespace, out: Path) -> Config:
         "train.progress_bar=false", f"train.warmup_steps={2 if args.smoke else 10}", f"output_dir={out}",
         "sweep.name=bench", f"sweep.num_samples={args.trials}", f"sweep.scheduler={args.scheduler}",
         "sweep.search=random", f"sweep.space.d_model=[{args.d_model}]", "sweep.space.num_heads=[2,4,8]",
-        "sweep.confirm.top_k=0", "report.every_s=5", "cluster.num_cpus=2"])
+        "sweep.confirm.top_k=0", "report.every_s=5", "cluster.num_cpus=2", *args.set])
 
 
-def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
+def run_sweep(cfg: Config, timeline: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """The sweep as `run_sweep_job` runs it (`hlbd_ray.sweep.run_sweep`), with the timing
     hook in every Ray worker, the trials' lifetimes recorded, on a new local cluster."""
     from ray import tune
@@ -137,6 +265,7 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
 
     lives: dict[str, dict[str, Any]] = defaultdict(dict)
     fit: dict[str, float] = {}
+    cpu = TreeCPU()
 
     class Lifetimes(tune.Callback):
         """Trial start and end as the driver sees them, the report-derived fw+bw time, and
@@ -145,6 +274,7 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
         def setup(self, stop: tune.Stopper | None = None, num_samples: int | None = None,
                   total_num_samples: int | None = None, **info: Any) -> None:
             fit["start"] = time.time()
+            cpu.start()
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             lives[trial.trial_id]["start"] = time.time()
@@ -161,19 +291,31 @@ def run_sweep(cfg: Config, timeline: Path) -> dict[str, Any]:
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             fit["end"] = time.time()
+            cpu.stop()
 
     validate(cfg, sweep=True)
     t0 = time.time()
     cfg, data = preflight(cfg, cfg.sweep.name)
     t1 = time.time()
-    hooks = SweepHooks(callbacks=[Lifetimes()], env={TIMELINE_ENV: str(timeline)},
+    hooks = SweepHooks(callbacks=[Lifetimes()], env={TIMELINE_ENV: str(timeline), **(env or {})},
                        worker_setup=install_timers, dashboard_port=free_port())
     sweep(cfg, data, Path(cfg.output_dir) / cfg.sweep.name, Interrupt(), hooks)
     assert cfg.cluster.num_cpus is not None  # bench_config sets it
     slots = plan_resources(cfg, {"CPU": float(cfg.cluster.num_cpus)}).max_concurrent
     # Cluster start: from the data being ready to fit() (includes building the Tuner).
     return {"trials": dict(lives), "start": fit["start"], "end": fit["end"], "slots": slots,
-            "data_s": t1 - t0, "cluster_s": fit["start"] - t1}
+            "data_s": t1 - t0, "cluster_s": fit["start"] - t1, "cpu": cpu.by_kind(),
+            "processes": {kind: cpu.count(kind) for kind in cpu.by_kind()},
+            "torch_imports": torch_imports(timeline, cpu)}
+
+
+def torch_imports(timeline: Path, cpu: TreeCPU) -> dict[str, int]:
+    """How many processes of each kind imported torch (see LogTorchImport)."""
+    kinds: dict[str, int] = defaultdict(int)
+    for file in timeline.glob("torch-*.json"):
+        record = json.loads(file.read_text())
+        kinds[cpu.title_of(record["pid"])] += 1
+    return dict(kinds)
 
 
 def free_port() -> int:
@@ -204,12 +346,14 @@ def read_timeline(timeline: Path) -> dict[str, list[dict[str, Any]]]:
 def account(sweep: dict[str, Any], events: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Seconds of slot time per category, summed over trials, plus idle slot time."""
     parts: dict[str, float] = defaultdict(float)
-    rows, est_fw_bw = [], 0.0
+    rows, est_fw_bw, step_cpu = [], 0.0, 0.0
     for tid, life in sorted(sweep["trials"].items(), key=lambda item: item[1]["start"]):
         mine = events.get(tid, [])
         took: dict[str, float] = defaultdict(float)
         for e in mine:
             took[e["what"]] += e["end"] - e["start"]
+            if e["what"] in ("accumulate", "optimizer_step"):
+                step_cpu += e.get("cpu", 0.0)
         end_of_trial = life.get("end", sweep["end"])
         loop = [e for e in mine if e["what"] != "import"]
         if not loop:  # never reached the training loop
@@ -250,7 +394,13 @@ def account(sweep: dict[str, Any], events: dict[str, list[dict[str, Any]]]) -> d
     # Idle time at the ends: fit() until the first trial starts, last trial end until fit() returns.
     lead_in = min((life["start"] for life in lives), default=sweep["end"]) - sweep["start"]
     tail = sweep["end"] - max((life.get("end", sweep["end"]) for life in lives), default=sweep["end"])
+    # CPU outside training steps: every process of the tree (cluster daemons and the driver
+    # included) less the step calls' own CPU, per trial.
+    total_cpu = sum(sweep["cpu"].values())
+    trials = max(len(sweep["trials"]), 1)
     return {"wall_s": wall, "slots": sweep["slots"], "parts": dict(parts), "report_fw_bw_s": est_fw_bw,
+            "cpu_s": total_cpu, "step_cpu_s": step_cpu, "overhead_cpu_s_per_trial": (total_cpu - step_cpu) / trials,
+            "launch_per_trial_s": parts["launch"] / trials,
             "step_share": parts["step"] / slot_time, "lead_in_s": lead_in, "tail_s": tail, "rows": rows}
 
 
@@ -267,7 +417,7 @@ def print_table(args: argparse.Namespace, sweep: dict[str, Any], r: dict[str, An
     print(f"\n{len(sweep['trials'])} trials ({args.scheduler}), d_model {args.d_model}, {args.layers} layers, "
           f"{args.epochs} epochs of {args.per_module * 5} generated pairs; {r['slots']} slots; "
           f"sweep wall {r['wall_s']:.1f} s (cluster start {sweep['cluster_s']:.1f} s and data "
-          f"{sweep['data_s']:.2f} s before it)")
+          f"{sweep['data_s']:.2f} s before it){'; ' + ' '.join(args.set + args.env) if args.set or args.env else ''}")
     print(f"{'trial':12}{'start':>7}{'launch':>8}{'import':>8}{'pre':>6}{'build':>7}{'steps':>8}"
           f"{'val':>6}{'ckpt':>6}{'epochs':>7}{'end':>7}   (s; start/end from fit())")
     for row in r["rows"]:
@@ -283,6 +433,13 @@ def print_table(args: argparse.Namespace, sweep: dict[str, Any], r: dict[str, An
           f"{r['tail_s']:.1f} s from the last trial end to fit() returning (x {r['slots']} slots)")
     print(f"step share {r['step_share']:.3f}; report-derived fw+bw (no optimizer) "
           f"{r['report_fw_bw_s']:.1f} s vs measured step {r['parts'].get('step', 0.0):.1f} s")
+    trials = max(len(sweep["trials"]), 1)
+    print(f"\nCPU of the process tree during fit(): {r['cpu_s']:.1f} s, of which steps {r['step_cpu_s']:.1f} s; "
+          f"outside steps {r['overhead_cpu_s_per_trial']:.2f} s per trial; launch {r['launch_per_trial_s']:.2f} s per trial")
+    print(f"{'process kind':28}{'count':>6}{'CPU s':>9}{'per trial':>10}{'torch':>6}")
+    for kind, seconds in sorted(sweep["cpu"].items(), key=lambda item: -item[1]):
+        print(f"{kind[:27]:28}{sweep['processes'].get(kind, 0):6d}{seconds:9.1f}{seconds / trials:10.2f}"
+              f"{sweep['torch_imports'].get(kind, 0):6d}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -295,7 +452,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scheduler", default="asha", choices=("asha", "fifo"))
     parser.add_argument("--smoke", action="store_true", help="2 tiny trials")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override after the benchmark's own (e.g. sweep.reuse_actors=true)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an env var for the driver and every Ray process (e.g. RAY_num_workers_soft_limit=8)")
     args = parser.parse_args()
+    for item in args.env:
+        if "=" not in item:
+            parser.error(f"--env wants NAME=VALUE, got {item!r}")
     if args.smoke:
         args.trials, args.d_model, args.layers, args.epochs, args.per_module = 2, 32, 1, 1, 30
     return args
@@ -309,7 +473,7 @@ def main() -> None:
         timeline = out / "timeline"
         timeline.mkdir()
         cfg = bench_config(args, out / "runs")
-        sweep = run_sweep(cfg, timeline)
+        sweep = run_sweep(cfg, timeline, dict(item.split("=", 1) for item in args.env))
         result = account(sweep, read_timeline(timeline))
     print_table(args, sweep, result)
     load_end = print_load("end")
@@ -320,6 +484,10 @@ def main() -> None:
                 "startup_per_trial_s": sum(result["parts"].get(k, 0.0) for k in ("launch", "import", "pre_build",
                                                                                  "build")) / len(sweep["trials"]),
                 "cluster_start_s": sweep["cluster_s"], "loadavg_start": load_start,
+                "overhead_cpu_s_per_trial": result["overhead_cpu_s_per_trial"],
+                "launch_per_trial_s": result["launch_per_trial_s"], "cpu_s": result["cpu_s"],
+                "step_cpu_s": result["step_cpu_s"], "cpu_by_process": sweep["cpu"],
+                "torch_imports": sweep["torch_imports"], "set": args.set, "env": args.env,
                 "loadavg_end": load_end,
                 **{f"{k}_s": v for k, v in result["parts"].items()}}
         print_json(flat)

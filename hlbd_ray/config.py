@@ -201,6 +201,16 @@ class SweepConfig:
     # reported for this long while trials are pending or running. 0: the longer of 10
     # minutes or 3x the slowest epoch seen. Train's worker-group start timeout follows it.
     stall_timeout_s: float = 0.0
+    # How each trial runs its Train run (BENCHMARKS.md section 3, "Levers (issue 14)"):
+    # the Train controller inside the trial's own process instead of an actor of its own,
+    # and no Train helper actors the sweep has no use for (the dataset manager, with no
+    # Ray Data datasets; the placement-group cleaner, whose work the sweep's keeper does).
+    # Off by default until the end-to-end smoke sweep's console check passes with them on
+    # (one run showed a Traceback, cause not yet found; BENCHMARKS.md section 3).
+    controller_in_trial: bool = False
+    lean_train_actors: bool = False
+    # Tune's actor reuse between trials.
+    reuse_actors: bool = False
     space: SpaceConfig = field(default_factory=SpaceConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
 

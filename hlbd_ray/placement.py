@@ -17,7 +17,8 @@ the state API returns with the group. "Not equal to x" matches every node (no no
 these labels), so the mark never constrains scheduling. A mark names exactly one trial
 of this job (trial ids are unique within an experiment, and we only look at groups our
 own job created) and the actor that owns the run: the trial's function actor, whose
-death takes the Train controller with it (the controller is its child actor).
+death takes the Train controller with it (the controller runs inside it by default,
+`sweep.controller_in_trial`, or else is its child actor).
 
 When Tune reports a trial stopped, errored or completed, its groups are removed as soon
 as that actor is gone, and after `grace_s` at the latest. Not before: a controller that

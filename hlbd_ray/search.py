@@ -15,25 +15,15 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
-from ray.tune.search.repeater import TRIAL_INDEX, Repeater
+from ray.tune.search.repeater import Repeater
 
 from hlbd_ray.config import SpaceConfig, SweepConfig, sampled_configs, space_pairs
-
-ARCH_KEY, LR_KEY = "arch", "lr"
-# A trial's copy number: it runs with train.seed + copy. Tune's Repeater names it so; the
-# grid and the confirmation stage use the same key.
-REPEAT_KEY = TRIAL_INDEX
-STAGE_KEY = "stage"    # "confirm" in the confirmation stage's trials, absent in the search's
+from hlbd_ray.params import ARCH_KEY, LR_KEY, REPEAT_KEY, STAGE_KEY, decode_arch  # noqa: F401  (re-exported)
 
 
 def valid_pairs(space: SpaceConfig) -> list[str]:
     """Every (d_model, num_heads) the space allows with d_model % num_heads == 0, as "DxH"."""
     return [f"{d}x{h}" for d, h in space_pairs(space)]
-
-
-def decode_arch(arch: str) -> tuple[int, int]:
-    d_model, num_heads = (int(part) for part in arch.split("x"))
-    return d_model, num_heads
 
 
 def lr_grid(space: SpaceConfig) -> list[float]:

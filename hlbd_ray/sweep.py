@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,34 +22,23 @@ from hlbd_ray import live
 from hlbd_ray.capacity import check_placeable
 from hlbd_ray.cli import parse_job_args
 from hlbd_ray.cluster import START_TIMEOUT_ENV, require_state_api, start_ray
-from hlbd_ray.config import Config, SweepConfig, check_heads, from_dict, to_dict, validate
+from hlbd_ray.config import Config, SweepConfig, to_dict, validate
 from hlbd_ray.confirm import candidates as confirm_candidates
 from hlbd_ray.console import BUDGET, INTERRUPTED, SweepStatus, driver_log
 from hlbd_ray.errors import UserError
 from hlbd_ray.lifecycle import STALL_FLOOR_S, Interrupt, StallWatchdog, SweepInterrupted, resume_hint
-from hlbd_ray.placement import PlacementGroupKeeper, describe, trial_tag
+from hlbd_ray.placement import PlacementGroupKeeper, describe
 from hlbd_ray.search import (
-    ARCH_KEY,
-    LR_KEY,
-    REPEAT_KEY,
     build_scheduler,
     build_searcher,
     confirm_space,
-    decode_arch,
     num_trials,
     param_space,
     uses_basic_generator,
 )
-from hlbd_ray.session import actor_banner, name_actor_in_logs
 from hlbd_ray.summary import finish
-from hlbd_ray.trainer import (
-    build_trainer,
-    preflight,
-    runs_that_fit,
-    storage_join,
-    user_error_in,
-    with_cluster_precision,
-)
+from hlbd_ray.trainer import preflight, runs_that_fit, storage_join, with_cluster_precision
+from hlbd_ray.trial import run_trial, trial_config  # noqa: F401  (trial_config: part of this module's interface)
 
 CONFIRM_DIR = "confirm"   # the confirmation stage's Tune experiment, inside the sweep's folder
 
@@ -84,52 +73,6 @@ def plan_resources(cfg: Config, cluster: dict[str, float],
         print(f"note: sweep.max_concurrent_trials={wanted} lowered to {capacity}, "
               f"what the cluster can run at once", file=sys.stderr)
     return TrialResources(worker_cpu, min(wanted, capacity))
-
-
-def trial_config(base: Config, params: dict[str, Any]) -> Config:
-    """The run config of one trial: the base config with its sampled architecture and lr,
-    and copy number n of a config trains with train.seed + n."""
-    d_model, num_heads = decode_arch(params[ARCH_KEY])
-    check_heads(d_model, num_heads)
-    model = replace(base.model, d_model=d_model, num_heads=num_heads)
-    seed = base.train.seed + int(params.get(REPEAT_KEY) or 0)
-    return replace(base, model=model, train=replace(base.train, lr=float(params[LR_KEY]), seed=seed))
-
-
-def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], train_storage: str,
-              worker_cpu: float) -> None:
-    """Tune function trainable: one trial = one Ray Train run, reported through Tune."""
-    import ray
-    from ray.train import TrainingFailedError
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    cfg = trial_config(from_dict(base), params)
-    trial_id = tune.get_context().get_trial_id()
-    name_actor_in_logs(actor_banner(trial_id, "Tune trial actor (drives the Train run of the same name)",
-                                    cfg.model.d_model, cfg.model.num_heads, cfg.train.lr))
-    # The mark lets the sweep driver free this trial's placement groups (placement.py).
-    owner = ray.get_runtime_context().get_actor_id()
-    assert owner is not None  # None only outside an actor, and a Tune trial runs in one
-    mark = trial_tag(trial_id, owner)
-    trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
-                            worker_cpu=worker_cpu, label_selector=mark)
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as err:
-        cause = user_error_in(err)
-        if cause is None:
-            raise      # Tune records the Train error, whose last line names the cause
-        # A user error inside a worker (e.g. a refused checkpoint): its one line is enough.
-        raise RuntimeError(str(cause)) from None
-    if result.metrics:
-        # Train's own record of the last epoch end, once more, through Tune's session: the
-        # callback's last report can miss Tune when the run ends right after it (seen: a
-        # confirmation trial's final epoch never reached Tune). Same shape as the train
-        # loop's repeat after a resume: no batch losses, so no curve counts it twice.
-        final = {**result.metrics, "batch_losses": [], "batch_start": result.metrics.get("batches", 0)}
-        if result.checkpoint is not None:
-            final["checkpoint_path"] = result.checkpoint.path
-        tune.report(final)
 
 
 def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks: list[Any],
@@ -172,7 +115,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
     tune_config = tune.TuneConfig(
         metric=s.metric, mode=str(s.mode), num_samples=num_samples, search_alg=search_alg,
         scheduler=scheduler, max_concurrent_trials=limit, time_budget_s=budget,
-        trial_dirname_creator=lambda trial: trial.trial_id)
+        trial_dirname_creator=lambda trial: trial.trial_id, reuse_actors=s.reuse_actors)
     run_config = tune.RunConfig(
         name=name, storage_path=storage, verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=s.trial_max_failures))

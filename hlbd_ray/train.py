@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hlbd_ray.banner import actor_banner, name_actor_in_logs
 from hlbd_ray.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from hlbd_ray.config import Config, from_dict, to_dict
 from hlbd_ray.contract import Report
@@ -41,9 +42,7 @@ from hlbd_ray.progress import EpochBar
 from hlbd_ray.session import (
     LocalSession,
     RayTrainSession,
-    actor_banner,
     autocast,
-    name_actor_in_logs,
     resolve_precision,
     scratch_dir,
 )

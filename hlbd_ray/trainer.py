@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hlbd_ray.config import Config, Precision, TrainConfig, to_dict
-from hlbd_ray.data import PreparedData, prepare_data
-from hlbd_ray.datareport import format_table, write_report
 from hlbd_ray.errors import UserError
 from hlbd_ray.files import ensure_writable_dir
-from hlbd_ray.model import resolve_factory
-from hlbd_ray.optim import run_length
-from hlbd_ray.session import resolve_on_cluster
 from hlbd_ray.storage import storage_join  # noqa: F401  (part of this library's interface)
+
+if TYPE_CHECKING:
+    from hlbd_ray.data import PreparedData
+
+# The modules that import torch (data, datareport, model, optim, session, train) are
+# imported inside the functions that need them: a sweep trial's process imports this
+# module to build its trainer and should not pay for torch (hlbd_ray/trial.py).
 
 
 def preflight(cfg: Config, folder: str | None = None) -> tuple[Config, PreparedData]:
@@ -32,6 +34,11 @@ def preflight(cfg: Config, folder: str | None = None) -> tuple[Config, PreparedD
     are printed and dataset_report.json is written to output_dir/`folder` (default
     `name`; a sweep passes sweep.name). A bad input leaves no output behind.
     """
+    from hlbd_ray.data import prepare_data
+    from hlbd_ray.datareport import format_table, write_report
+    from hlbd_ray.model import resolve_factory
+    from hlbd_ray.optim import run_length
+
     if cfg.model.factory:
         resolve_factory(cfg.model.factory)
     t = cfg.train
@@ -78,18 +85,21 @@ def runs_that_fit(t: TrainConfig, cluster: dict[str, float], what: str = "one ru
 
 def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
                   callbacks: list[Any] | None = None, worker_cpu: float | None = None,
-                  label_selector: dict[str, str] | None = None):
+                  label_selector: dict[str, str] | None = None,
+                  controller_in_process: bool = False, lean: bool = False):
     """A TorchTrainer for one run; `data` is a PreparedData or its ObjectRef.
 
     `worker_cpu` overrides what each worker asks for (a sweep trial's driver takes a
     sliver of the trial's CPUs); threads still follow train.cpus_per_worker.
     `label_selector` goes to every worker and every bundle of the run's placement
     groups (a sweep trial marks its groups with it, see placement.py).
+    `controller_in_process` and `lean`: see `trainer_class` (sweep trials only).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from hlbd_ray.train import train_loop_per_worker
+
+    TorchTrainer = trainer_class(controller_in_process, lean)
 
     # ray.train binds its Train V2 classes (our runtime: V2 is the default) only under
     # `if is_v2_enabled():`, so type checkers see the V1 ScalingConfig/RunConfig, which lack
@@ -115,6 +125,50 @@ def build_trainer(cfg: Config, data: Any, storage_path: str, name: str,
                         train_loop_config={"config": to_dict(cfg), "data": data})
 
 
+def trainer_class(controller_in_process: bool = False, lean: bool = False) -> type:
+    """Ray's TorchTrainer, or a subclass that starts fewer Ray processes per run.
+
+    Ray 2.60 has no public switch for either; both override private TrainTrainer hooks
+    (`_initialize_and_run_controller`, `_create_default_callbacks`, data_parallel_trainer.py):
+    - controller_in_process: run Train's `TrainController` (an asyncio loop) in the calling
+      thread instead of in an actor of its own, as Train's local mode does for its own
+      controller. In a sweep the caller is the Tune trial actor, which the controller
+      actor was a child of anyway: it lives and dies with the trial either way.
+    - lean: leave out the DatasetsCallback when the run has no Ray Data datasets (it
+      starts a DatasetManager actor regardless) and the PlacementGroupCleanerCallback (a
+      detached actor per run that removes the run's placement group if the controller
+      dies; in a sweep the driver's PlacementGroupKeeper does that, see placement.py).
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not (controller_in_process or lean):
+        return TorchTrainer
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+            from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+            callbacks = super()._create_default_callbacks()  # type: ignore[misc]  # V2 hook: mypy sees V1
+            if not lean:
+                return callbacks
+            unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+            return [c for c in callbacks if not isinstance(c, unused)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+            if not controller_in_process:
+                return super()._initialize_and_run_controller(**controller_init_kwargs)  # type: ignore[misc]  # V2 hook
+            import asyncio
+
+            from ray.train.v2._internal.execution.controller import TrainController
+
+            controller = TrainController(**controller_init_kwargs)
+            asyncio.run(controller.run())
+            return controller.get_result()
+
+    return LeanTorchTrainer
+
+
 def user_error_in(err: BaseException) -> UserError | None:
     """The UserError behind a training failure, if a worker raised one (e.g. a bad checkpoint)."""
     failures = list(getattr(err, "worker_failures", {}).values())
@@ -132,6 +186,8 @@ def user_error_in(err: BaseException) -> UserError | None:
 def with_cluster_precision(cfg: Config) -> Config:
     """The config with train.precision resolved once for the workers' hardware (Ray running),
     so every trial of a sweep runs, and is compared, at the same precision."""
+    from hlbd_ray.session import resolve_on_cluster
+
     t = cfg.train
     precision = resolve_on_cluster(str(t.precision), t.cpus_per_worker, t.gpus_per_worker)
     if t.precision == Precision.auto:

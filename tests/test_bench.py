@@ -91,8 +91,12 @@ def test_ray_overhead_smoke() -> None:
 @pytest.mark.slow
 def test_sweep_smoke() -> None:
     result = run_smoke("sweep.py")
-    check(result, {"idle_slots_s"}, {"step_share", "wall_s", "step_s", "launch_s", "startup_per_trial_s"})
+    check(result, {"idle_slots_s"}, {"step_share", "wall_s", "step_s", "launch_s", "startup_per_trial_s",
+                                     "overhead_cpu_s_per_trial", "launch_per_trial_s", "cpu_s"})
     assert result["trials"] == 2 and result["step_share"] < 1.0
+    # The process tree's CPU covers the steps' own and the trial processes it saw.
+    assert 0 < result["step_cpu_s"] < result["cpu_s"] and result["cpu_by_process"]["RayTrainWorker"] > 0
+    assert result["torch_imports"].get("RayTrainWorker") == 2
 
 
 @pytest.mark.slow

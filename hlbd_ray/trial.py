@@ -1,0 +1,68 @@
+"""What runs in each Tune trial's own process: one trial = one Ray Train run.
+
+Kept apart from sweep.py, and free of torch, numpy and Tune's searchers at import, so
+that the trial's actor loads only what it uses (tests/test_trial.py checks it in a fresh
+interpreter). The Train worker is the only process of a trial that needs torch for our
+code; Ray's TorchTrainer still imports it where the trainer is built (see
+BENCHMARKS.md section 3, "Levers (issue 14)").
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from ray import tune
+
+from hlbd_ray.banner import actor_banner, name_actor_in_logs
+from hlbd_ray.config import Config, check_heads, from_dict
+from hlbd_ray.params import ARCH_KEY, LR_KEY, REPEAT_KEY, decode_arch
+from hlbd_ray.placement import trial_tag
+from hlbd_ray.trainer import build_trainer, user_error_in
+
+
+def trial_config(base: Config, params: dict[str, Any]) -> Config:
+    """The run config of one trial: the base config with its sampled architecture and lr,
+    and copy number n of a config trains with train.seed + n."""
+    d_model, num_heads = decode_arch(params[ARCH_KEY])
+    check_heads(d_model, num_heads)
+    model = replace(base.model, d_model=d_model, num_heads=num_heads)
+    seed = base.train.seed + int(params.get(REPEAT_KEY) or 0)
+    return replace(base, model=model, train=replace(base.train, lr=float(params[LR_KEY]), seed=seed))
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], train_storage: str,
+              worker_cpu: float) -> None:
+    """Tune function trainable: one trial = one Ray Train run, reported through Tune."""
+    import ray
+    from ray.train import TrainingFailedError
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(from_dict(base), params)
+    trial_id = tune.get_context().get_trial_id()
+    name_actor_in_logs(actor_banner(trial_id, "Tune trial actor (drives the Train run of the same name)",
+                                    cfg.model.d_model, cfg.model.num_heads, cfg.train.lr))
+    # The mark lets the sweep driver free this trial's placement groups (placement.py).
+    owner = ray.get_runtime_context().get_actor_id()
+    assert owner is not None  # None only outside an actor, and a Tune trial runs in one
+    mark = trial_tag(trial_id, owner)
+    trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
+                            worker_cpu=worker_cpu, label_selector=mark,
+                            controller_in_process=cfg.sweep.controller_in_trial, lean=cfg.sweep.lean_train_actors)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        cause = user_error_in(err)
+        if cause is None:
+            raise      # Tune records the Train error, whose last line names the cause
+        # A user error inside a worker (e.g. a refused checkpoint): its one line is enough.
+        raise RuntimeError(str(cause)) from None
+    if result.metrics:
+        # Train's own record of the last epoch end, once more, through Tune's session: the
+        # callback's last report can miss Tune when the run ends right after it (seen: a
+        # confirmation trial's final epoch never reached Tune). Same shape as the train
+        # loop's repeat after a resume: no batch losses, so no curve counts it twice.
+        final = {**result.metrics, "batch_losses": [], "batch_start": result.metrics.get("batches", 0)}
+        if result.checkpoint is not None:
+            final["checkpoint_path"] = result.checkpoint.path
+        tune.report(final)
