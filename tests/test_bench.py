@@ -201,6 +201,7 @@ def test_time_to_quality_peer_searches_the_sweeps_space(overrides: list[str]) ->
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_time_to_quality_smoke() -> None:
     result = run_smoke("time_to_quality.py", timeout=300)
     check(result, {"overhead_cpu_s_per_trial", "ttq_ratio"}, {"wall_ratio", "ttq_ratio_common", "step_share"})
