@@ -143,15 +143,7 @@ def test_regret_smoke() -> None:
 
 
 def test_regret_counts_in_seed_noise_against_the_one_seed_grid() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("regret", BENCH / "regret.py")
-    regret = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(regret)
-    finally:
-        sys.path.remove(str(BENCH))
+    regret = load_bench("regret")
 
     def trial(heads, lr, copy, loss, seconds):
         return {"d_model": 64, "num_heads": heads, "lr": lr, "last_val_loss": loss, "last_time_total_s": seconds,
