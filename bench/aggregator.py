@@ -120,7 +120,8 @@ def reports(losses: list[array], epochs: int, batches: int, per_report: int) -> 
                 val_acc=0.4, val_exact=0.1, val_step=end // 2, val_modules=VAL_MODULES,
                 d_model=256, num_heads=8, head_dim=32, precision="fp32", stop_reason="", seed=0,
                 checkpoint_score=2.5 if epoch_end else 1e300,
-            ).to_dict(), "training_iteration": end // per_report, "time_total_s": end * 1.0}
+            ).to_dict(), "training_iteration": end // per_report, "time_total_s": end * 1.0,
+                "checkpoint_path": f"bucket/train/t{t}/checkpoint_{epoch}" if epoch_end else None}
 
 
 class RebuildReference:

@@ -70,10 +70,13 @@ class Report:
 
 @dataclass
 class TuneKeys:
-    """Keys Tune adds to every result of a trial."""
+    """Keys Tune (and Train's report callback into it) add to a trial's results."""
 
     training_iteration: int = _q(int, last=True)
     time_total_s: float | None = _q(float, epoch=True, last=True)
+    # Epoch ends only: where Train persisted the epoch's checkpoint (a path on the storage
+    # filesystem), added by Ray's TuneReportCallback; epochs.parquet keeps it as `checkpoint`.
+    checkpoint_path: str | None = _q(str)
 
 
 REPORT_KEYS = tuple(f.name for f in fields(Report))

@@ -27,6 +27,10 @@ from typing import Any
 from hlbd_ray.contract import EPOCH_FLOATS, EPOCH_INTS
 
 MODULES_KEY = "val_modules"   # the report's per-module validation, kept per epoch
+# An epoch's checkpoint (TuneKeys.checkpoint_path) as epochs.parquet names it: the
+# driver's own record of it, so the best epoch's checkpoint never depends on Tune's
+# result files (a driver killed mid-upload leaves a progress.csv without that column).
+CHECKPOINT_KEY = "checkpoint"
 
 INF = math.inf
 
@@ -184,7 +188,12 @@ class TrialCurves:
                 curves_changed = summaries_changed = True
             curves_changed |= self._fold(start, losses, epoch_batches)
         if report["epoch_end"]:
-            self.summaries[int(report["epoch"])] = summary_of(report)
+            epoch = int(report["epoch"])
+            summary = summary_of(report)
+            # A resumed run repeats its last epoch's report without the checkpoint it resumed
+            # from: the first report's checkpoint stays the epoch's.
+            summary[CHECKPOINT_KEY] = summary[CHECKPOINT_KEY] or self.summaries.get(epoch, {}).get(CHECKPOINT_KEY)
+            self.summaries[epoch] = summary
             summaries_changed = True
         return curves_changed, summaries_changed
 
@@ -237,6 +246,8 @@ def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
     out.update({k: as_int(report.get(k), None) for k in EPOCH_INTS})
     out[MODULES_KEY] = {module: {k: finite(v) for k, v in values.items()}
                         for module, values in (report.get(MODULES_KEY) or {}).items()}
+    path = report.get("checkpoint_path")
+    out[CHECKPOINT_KEY] = path if isinstance(path, str) else None
     return out
 
 
@@ -281,7 +292,7 @@ class CurveStore:
                 curve = epochs[e] = EpochCurve(e, int(row["epoch_batches"]), self.points)
             curve.buckets.append(Bucket.from_row(row))
             curve.next = int(row["micro_batch_last"]) + 1
-        summaries = {int(r["epoch"]): {k: r.get(k) for k in EPOCH_FLOATS + EPOCH_INTS + (MODULES_KEY,)}
+        summaries = {int(r["epoch"]): {k: r.get(k) for k in EPOCH_FLOATS + EPOCH_INTS + (MODULES_KEY, CHECKPOINT_KEY)}
                      for r in summary_rows}
         trial = TrialCurves(trial_id, self.points)
         trial.load(epochs.values(), summaries)

@@ -9,12 +9,21 @@ turns one back into a URI another process can open.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from hlbd_ray.errors import UserError
+
+# How long a finished job waits for storage calls still running in other threads.
+STUCK_CALLS_GRACE_S = 30.0
 
 
 def is_uri(path: str) -> bool:
@@ -50,3 +59,45 @@ def local_copy(uri: str) -> Iterator[Path]:
         pyarrow.fs.copy_files(path, tmp, source_filesystem=fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
         yield Path(tmp)
+
+
+def stuck_storage_calls() -> list[str]:
+    """Threads other than this one that are inside a call to S3 storage (pyarrow, or Ray's
+    storage and sync helpers), each as "<thread> in <function> (<file>:<line>)"."""
+    if "pyarrow._s3fs" not in sys.modules:
+        return []
+    names = {t.ident: t.name for t in threading.enumerate() if t is not threading.current_thread()}
+    return [f"{names[ident]} in {frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+            for ident, frame in sys._current_frames().items()
+            if ident in names and any(_storage_code(f) for f in _stack(frame))]
+
+
+def _stack(frame: FrameType | None) -> Iterator[FrameType]:
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _storage_code(frame: FrameType) -> bool:
+    name = frame.f_code.co_filename
+    return f"{os.sep}pyarrow{os.sep}" in name or name.endswith(
+        (os.path.join("ray", "train", "_internal", "storage.py"), os.path.join("ray", "train", "_internal", "syncer.py")))
+
+
+def exit_past_stuck_storage_calls(code: int, grace_s: float | None = None) -> None:
+    """Once a job's work is done: if S3 calls are still running after `grace_s`, say so
+    and exit with `code` now. pyarrow's exit handler waits for every S3 call in flight,
+    holding the interpreter, so one request that never returns (seen once: Tune's last
+    upload of the experiment state) would keep a finished job alive forever."""
+    grace_s = STUCK_CALLS_GRACE_S if grace_s is None else grace_s
+    deadline = time.monotonic() + grace_s
+    while (stuck := stuck_storage_calls()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not stuck:
+        return
+    print(f"exit: not waiting for {len(stuck)} storage call(s) still running after {grace_s:.0f} s "
+          f"({'; '.join(stuck)}); everything this job writes itself is written", file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

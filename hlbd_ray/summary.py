@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,16 @@ OUTCOME_WORDS = {COMPLETED: "completed", STOPPED: "stopped early by {scheduler}"
 
 
 def final_table_rows(results: Any, metric: str, mode: str,
-                     outcome: Callable[[str, bool], str] | None = None) -> list[dict[str, Any]]:
+                     outcome: Callable[[str, bool], str] | None = None,
+                     checkpoints: Mapping[tuple[str, int], str] | None = None) -> list[dict[str, Any]]:
     """The final console table's rows, one per trial, from Tune's own results
     (independent of our report files).
 
     `outcome(trial_id, errored)` names how the trial ended (see `console.SweepStatus`).
     The best values, `best_epoch` and `checkpoint` come from the trial's best epoch end
-    (the reports that carry a checkpoint); the `final_` ones from its last result."""
+    (the reports that carry a checkpoint); the `final_` ones from its last result.
+    `checkpoints` ((trial id, epoch) -> path, the report aggregator's record) names the
+    best epoch's checkpoint first: Tune's result files can lack it (see curves.CHECKPOINT_KEY)."""
     rows = []
     for result in results:
         history = result.metrics_dataframe
@@ -66,9 +69,16 @@ def final_table_rows(results: Any, metric: str, mode: str,
                        best_val_ppl=finite_or_none(best.get("val_ppl")),
                        best_val_acc=finite_or_none(best.get("val_acc")),
                        best_val_exact=finite_or_none(best.get("val_exact")),
-                       best_epoch=int(best["epoch"]), checkpoint=best.get("checkpoint_path"))
+                       best_epoch=int(best["epoch"]),
+                       checkpoint=(checkpoints or {}).get((trial_id, int(best["epoch"])))
+                       or _path_or_none(best.get("checkpoint_path")))
         rows.append(row)
     return rows
+
+
+def _path_or_none(value: Any) -> str | None:
+    """A path from a results dataframe, whose missing values are NaN."""
+    return value if isinstance(value, str) else None
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -114,14 +124,15 @@ def usage_line(usage: dict[str, float]) -> str:
 
 def finish(cfg: Config, results: Any, exp_dir: Path, outcome: Callable[[str, bool], str] | None = None,
            stopped_by: str | None = None, stop_code: int = EXIT_OK,
-           placement: dict[str, Any] | None = None, started: float = 0.0) -> int:
+           placement: dict[str, Any] | None = None, started: float = 0.0,
+           checkpoints: Mapping[tuple[str, int], str] | None = None) -> int:
     """Print the table, the outcome counts and the driver's wall time and peak memory; save
     the best config and `sweep_end.json`.
 
     Exit code: `stop_code` for a sweep stopped early (signal, stall), else 1 when every
     trial failed, else 0."""
     s = cfg.sweep
-    rows = final_table_rows(results, s.metric, s.mode, outcome)
+    rows = final_table_rows(results, s.metric, s.mode, outcome, checkpoints)
     print_table(rows)
     counts = outcome_counts(rows)
     print("\n" + outcome_line(counts, s.scheduler))

@@ -46,6 +46,12 @@ CONFIRM_DIR = "confirm"   # the confirmation stage's Tune experiment, inside the
 # that trials never hold the CPUs their own workers need (the few-CPU deadlock).
 DRIVER_CPU = 0.01
 
+# Tune waits this long at most for one upload of the experiment state to storage (Ray's
+# default: 30 min). Tune's last save waits before it frees the trials' actors, and once,
+# with S3 storage, that upload never returned and the sweep hung (tests/test_s3.py in CI):
+# a stuck upload now costs at most this, logged as an error, and the sweep ends.
+STATE_SYNC_TIMEOUT_S = 120
+
 
 @dataclass(frozen=True)
 class TrialResources:
@@ -116,10 +122,16 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
         metric=s.metric, mode=str(s.mode), num_samples=num_samples, search_alg=search_alg,
         scheduler=scheduler, max_concurrent_trials=limit, time_budget_s=budget,
         trial_dirname_creator=lambda trial: trial.trial_id, reuse_actors=s.reuse_actors)
-    run_config = tune.RunConfig(
+    return tune.Tuner(trainable, param_space=space, tune_config=tune_config,
+                      run_config=run_config(s, storage, name, callbacks))
+
+
+def run_config(s: SweepConfig, storage: str, name: str, callbacks: list[Any]) -> tune.RunConfig:
+    """Tune's run config; it is saved with the experiment, so a resumed sweep keeps it."""
+    return tune.RunConfig(
         name=name, storage_path=storage, verbose=0, callbacks=callbacks,
-        failure_config=tune.FailureConfig(max_failures=s.trial_max_failures))
-    return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+        failure_config=tune.FailureConfig(max_failures=s.trial_max_failures),
+        sync_config=tune.SyncConfig(sync_timeout=STATE_SYNC_TIMEOUT_S))
 
 
 @dataclass
@@ -174,6 +186,7 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
     import ray
 
     from hlbd_ray.report import ReportAggregator
+    from hlbd_ray.tables import REPORT_DIR, epoch_checkpoints
 
     s, hooks = cfg.sweep, hooks or SweepHooks()
     start_ray(cfg.cluster, {START_TIMEOUT_ENV: f"{start_timeout_s(s):g}", **hooks.env},
@@ -211,7 +224,9 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
         code = finish(cfg, results, report_dir,
                       outcome=lambda tid, errored: status.outcome(tid, errored, cut_short),
                       stopped_by=interrupt.reason, stop_code=interrupt.code,
-                      placement=keeper.summary(len(left)), started=started or time.time())
+                      placement=keeper.summary(len(left)), started=started or time.time(),
+                      # the aggregator's record, written at the experiment's end
+                      checkpoints=epoch_checkpoints(report_dir / REPORT_DIR))
         if interrupt.reason:
             print(resume_hint(interrupt.reason), file=sys.stderr, flush=True)
         return code

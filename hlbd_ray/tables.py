@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hlbd_ray.contract import BEST, EPOCH_FLOATS, EPOCH_INTS, LAST_FLOATS, LAST_INTS, best_index, last_column
-from hlbd_ray.curves import BUCKET_FIELDS, MODULES_KEY, CurveStore, as_int, finite
+from hlbd_ray.curves import BUCKET_FIELDS, CHECKPOINT_KEY, MODULES_KEY, CurveStore, as_int, finite
 from hlbd_ray.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ CURVES_SCHEMA = pa.schema(
     [("trial_id", STRING), ("epoch", _I), ("bucket", _I), ("width", _I), ("epoch_batches", _I)]
     + [(k, _BUCKET_TYPES.get(k, _I)) for k in BUCKET_FIELDS[1:]])
 EPOCHS_SCHEMA = pa.schema([("trial_id", STRING), ("epoch", _I)]
-                          + [(k, _F) for k in EPOCH_FLOATS] + [(k, _I) for k in EPOCH_INTS])
+                          + [(k, _F) for k in EPOCH_FLOATS] + [(k, _I) for k in EPOCH_INTS]
+                          + [(CHECKPOINT_KEY, STRING)])
 # Per (trial, epoch, module, metric): the per-module validation (`val_modules`), long.
 MODULES_SCHEMA = pa.schema([("trial_id", STRING), ("epoch", _I), ("module", STRING),
                            ("metric", STRING), ("value", _F)])
@@ -190,6 +191,12 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     except Exception as exc:  # a damaged file must not stop the sweep from resuming
         logger.error("report: could not read %s: %s: %s", path, type(exc).__name__, exc)
         return []
+
+
+def epoch_checkpoints(report_dir: Path) -> dict[tuple[str, int], str]:
+    """(trial id, epoch) -> that epoch's checkpoint path on storage, from epochs.parquet."""
+    return {(row["trial_id"], int(row["epoch"])): row[CHECKPOINT_KEY]
+            for row in read_rows(report_dir / EPOCHS_FILE) if row.get(CHECKPOINT_KEY)}
 
 
 def column_type(values: Iterable[Any]) -> pa.DataType:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,9 +75,19 @@ def ray_temp_dir() -> Path:
 def run_job(script: str, *args: str, timeout: float = 600, env: dict | None = None,
             cwd: Path = REPO):
     """Run a job script as users do (a subprocess), with the test Ray settings."""
-    import subprocess
-    import sys
-
     full_env = {**os.environ, **RAY_TEST_ENV, **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, str(REPO / "jobs" / script), *args]
+    with subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # The job prints every thread's stack on SIGQUIT (errors.run_cli): where it hung.
+            proc.send_signal(signal.SIGQUIT)
+            time.sleep(3)
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"{script} {' '.join(args)} ran past {timeout} s\n--- stdout (tail) ---\n"
+                        f"{out[-4000:]}\n--- stderr with the job's stacks (tail) ---\n{err[-12000:]}",
+                        pytrace=False)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

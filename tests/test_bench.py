@@ -82,6 +82,7 @@ def test_gpu_script_parses() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_ray_overhead_smoke() -> None:
     result = run_smoke("ray_overhead.py")
     check(result, set(), {"train_overhead_ratio", "tune_overhead_ratio", "startup_s",
@@ -89,6 +90,7 @@ def test_ray_overhead_smoke() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_sweep_smoke() -> None:
     result = run_smoke("sweep.py")
     check(result, {"idle_slots_s"}, {"step_share", "wall_s", "step_s", "launch_s", "startup_per_trial_s",

@@ -45,9 +45,10 @@ def test_one_name_per_quantity() -> None:
 
 
 def test_the_tables_take_their_columns_from_the_contract() -> None:
-    assert EPOCHS_SCHEMA.names == ["trial_id", "epoch", *EPOCH_FLOATS, *EPOCH_INTS]
-    kept = summary_of(a_report(training_iteration=1, time_total_s=2.0))
-    assert set(kept) == set(EPOCH_FLOATS + EPOCH_INTS) | {"val_modules"}
+    assert EPOCHS_SCHEMA.names == ["trial_id", "epoch", *EPOCH_FLOATS, *EPOCH_INTS, "checkpoint"]
+    kept = summary_of(a_report(training_iteration=1, time_total_s=2.0, checkpoint_path="b/ckpt_1"))
+    assert set(kept) == set(EPOCH_FLOATS + EPOCH_INTS) | {"val_modules", "checkpoint"}
+    assert kept["checkpoint"] == "b/ckpt_1"
     for name in LAST_FLOATS + LAST_INTS:
         assert last_column(name) in TRIALS_SCHEMA.names
     for name, mode in BEST:

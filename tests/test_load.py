@@ -9,6 +9,7 @@ from .conftest import REPO, run_job
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_thirty_two_short_trials_complete_and_every_one_is_reported(tmp_path):
     result = run_job("sweep.py", "--config", str(REPO / "conf/smoke.yaml"), f"output_dir={tmp_path}",
                      "cluster.num_cpus=2", "sweep.num_samples=32", "sweep.scheduler=fifo",

@@ -56,11 +56,13 @@ GOLDEN_STREAM = [
     result(0, [4.0, None, 2.0], 0, 4),
     result(3, [6.0], 0, 4, end=True, epoch_loss=4.0, val_loss=3.0, val_ppl=20.0, val_acc=0.25,
            val_exact=0.0, lr=0.01, tokens_per_s=100.0, step=2, val_step=2, time_total_s=1.0,
-           grad_norm=1.5, val_modules={"zodiac": {"loss": 3.5, "exact": NAN}, "geometry": {"loss": 2.5, "exact": 0.0}}),
+           grad_norm=1.5, val_modules={"zodiac": {"loss": 3.5, "exact": NAN}, "geometry": {"loss": 2.5, "exact": 0.0}},
+           checkpoint_path="b/t1/checkpoint_0"),
     result(4, [3.0, 1.0], 1, 4, loss=INF),
     result(6, [NAN, 2.0], 1, 4, end=True, epoch_loss=2.0, val_loss=2.5, val_ppl=12.0,
            val_acc=0.5, val_exact=0.5, lr=0.005, tokens_per_s=120.0, step=4, val_step=4,
-           time_total_s=2.0, loss=2.0, ppl=INF, training_iteration=4, grad_norm=0.75),
+           time_total_s=2.0, loss=2.0, ppl=INF, training_iteration=4, grad_norm=0.75,
+           checkpoint_path="b/t1/checkpoint_1"),
 ]
 # Width ceil(4 / 2) = 2: epoch 0 = [4, None | 2, 6], epoch 1 = [3, 1 | nan, 2].
 GOLDEN_CURVES = [
@@ -96,10 +98,12 @@ def test_golden_curves_epochs_trials(tmp_path: Path) -> None:
     assert read(out / "epochs.parquet") == [
         {"trial_id": "t1", "epoch": 0, "epoch_loss": 4.0, "val_loss": 3.0, "val_ppl": 20.0,
          "val_acc": 0.25, "val_exact": 0.0, "lr": 0.01, "tokens_per_s": 100.0,
-         "time_total_s": 1.0, "grad_norm": 1.5, "step": 2, "batches": 4, "val_step": 2},
+         "time_total_s": 1.0, "grad_norm": 1.5, "step": 2, "batches": 4, "val_step": 2,
+         "checkpoint": "b/t1/checkpoint_0"},
         {"trial_id": "t1", "epoch": 1, "epoch_loss": 2.0, "val_loss": 2.5, "val_ppl": 12.0,
          "val_acc": 0.5, "val_exact": 0.5, "lr": 0.005, "tokens_per_s": 120.0,
-         "time_total_s": 2.0, "grad_norm": 0.75, "step": 4, "batches": 8, "val_step": 4}]
+         "time_total_s": 2.0, "grad_norm": 0.75, "step": 4, "batches": 8, "val_step": 4,
+         "checkpoint": "b/t1/checkpoint_1"}]
 
     # Validation per module, long: one row per (trial, epoch, module, metric); NaN is null.
     assert read(out / "modules.parquet") == [
@@ -514,3 +518,46 @@ def test_a_failure_while_preparing_is_logged_not_raised(tmp_path: Path,
     assert "could not prepare" in caplog.text and agg.failed_writes == 1
     assert agg.flush()
     assert len(read(tmp_path / "report" / "curves.parquet")) == 10
+
+
+# ---- each epoch's checkpoint -------------------------------------------------------------
+
+def test_each_epoch_keeps_its_checkpoint_and_a_repeat_without_one_does_not_erase_it(tmp_path: Path) -> None:
+    from hlbd_ray.tables import epoch_checkpoints
+
+    trial = FakeTrial("t1")
+    agg = ReportAggregator(tmp_path, points_per_epoch=2, every_s=1e9)
+    for r in GOLDEN_STREAM:
+        agg.on_trial_result(0, [trial], trial, r)
+    # A run resumed after its last checkpoint repeats the last epoch end, without a checkpoint.
+    agg.on_trial_result(0, [trial], trial, {**GOLDEN_STREAM[-1], "batch_losses": [], "batch_start": 8,
+                                            "checkpoint_path": None})
+    agg.on_experiment_end([trial])
+    assert epoch_checkpoints(tmp_path / "report") == {("t1", 0): "b/t1/checkpoint_0", ("t1", 1): "b/t1/checkpoint_1"}
+
+
+class FakeResult:
+    """The attributes of a Tune Result that the final table reads."""
+
+    def __init__(self, trial_id: str, history: list[dict[str, Any]]) -> None:
+        import pandas as pd
+
+        self.metrics_dataframe = pd.DataFrame(history)
+        self.metrics, self.config, self.error = {**history[-1], "trial_id": trial_id}, {}, None
+        self.path = f"/runs/smoke/{trial_id}"
+
+
+def test_the_best_epochs_checkpoint_comes_from_the_report_when_tunes_files_lack_it() -> None:
+    from hlbd_ray.summary import final_table_rows
+
+    # As read back from a progress.csv written before the first checkpoint: no such column.
+    history = [{"epoch": 0, "epoch_end": True, "val_loss": 3.0}, {"epoch": 1, "epoch_end": True, "val_loss": 2.5},
+               {"epoch": 2, "epoch_end": True, "val_loss": 2.8}]
+    results = [FakeResult("t1", history)]
+    recorded = {("t1", 1): "b/t1/checkpoint_1", ("t1", 2): "b/t1/checkpoint_2"}
+    [row] = final_table_rows(results, "val_loss", "min", checkpoints=recorded)
+    assert (row["best_epoch"], row["checkpoint"]) == (1, "b/t1/checkpoint_1")
+    # Without the report's record, a missing value is None, never NaN.
+    history[1]["checkpoint_path"] = float("nan")
+    [row] = final_table_rows([FakeResult("t1", history)], "val_loss", "min")
+    assert row["best_epoch"] == 1 and row["checkpoint"] is None

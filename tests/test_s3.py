@@ -63,7 +63,11 @@ def saved_finished_trials(fs, experiment: str) -> set[str]:
     if not states:
         return set()
     with fs.open_input_stream(max(states)) as handle:
-        state = json.loads(handle.read())
+        text = handle.read()
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError:
+        return set()      # caught mid-upload (seen under load): the next poll reads it whole
     trials = [json.loads(entry[0]) for entry in state["trial_data"]]
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 

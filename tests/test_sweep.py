@@ -19,8 +19,9 @@ from hlbd_ray.console import SweepStatus, status_line
 from hlbd_ray.data import prepare_data
 from hlbd_ray.errors import EXIT_USER_ERROR, UserError, run_cli
 from hlbd_ray.generate import Decoder
+from hlbd_ray.lifecycle import STALL_FLOOR_S
 from hlbd_ray.search import REPEAT_KEY
-from hlbd_ray.sweep import DRIVER_CPU, main, plan_resources, trial_config
+from hlbd_ray.sweep import DRIVER_CPU, STATE_SYNC_TIMEOUT_S, main, plan_resources, run_config, trial_config
 
 from .conftest import RAY_TEST_ENV, REPO, run_job
 
@@ -59,6 +60,15 @@ def test_concurrency_is_capped_by_the_cluster(capsys):
 def test_a_trial_that_cannot_fit_is_refused(overrides, cluster):
     with pytest.raises(UserError, match="one trial needs"):
         plan_resources(smoke(*overrides), cluster)
+
+
+def test_uploads_of_the_experiment_state_are_bounded_well_inside_the_stall_timeout():
+    # Tune's final save waits for the upload before it frees the trials: unbounded, a
+    # stuck upload hung a sweep on S3 storage (Ray's default bound is 30 minutes).
+    cfg = load_config(str(REPO / "conf" / "smoke.yaml"), [])
+    config = run_config(cfg.sweep, "s3://bucket/runs", "smoke", [])
+    assert config.sync_config.sync_timeout == STATE_SYNC_TIMEOUT_S <= STALL_FLOOR_S / 4
+    assert config.failure_config.max_failures == cfg.sweep.trial_max_failures
 
 
 def test_a_trial_config_decodes_its_architecture_and_lr():
