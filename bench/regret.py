@@ -19,7 +19,8 @@ two sweeps run through `jobs/sweep.py`, the real job:
 
 Target (issue 11): regret within the seed noise at no more than 1/3 of the grid's CPU time.
 
-    python bench/regret.py                # ~20 minutes on 2 cores
+    python bench/regret.py                # ~40 minutes on 2 cores
+    python bench/regret.py --out DIR --search-seeds 4   # the ground truth in DIR reused
     python bench/regret.py --smoke --json # under a minute: a 2-config micro space
 """
 
@@ -94,7 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a 2-config micro space, under a minute")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--out", help="keep the sweeps here (default: a temporary folder)")
+    parser.add_argument("--out", help="keep the sweeps here (default: a temporary folder); a finished "
+                                      "sweep found there is reused as it is")
+    parser.add_argument("--search-seeds", type=int, default=1,
+                        help="run the search with sweep.seed 0..N-1 against the one ground truth")
     args = parser.parse_args()
     mode = SMOKE if args.smoke else FULL
     configs = len(mode["widths"]) * len(mode["heads"]) * len(mode["lrs"])   # all divide here
@@ -103,31 +107,46 @@ def main() -> None:
         out = Path(args.out or tmp)
         grid, _ = sweep(out, "truth", mode, "sweep.search=grid", "sweep.num_samples=null",
                         "sweep.repeats=2", "sweep.scheduler=fifo", "sweep.confirm.top_k=0")
-        searched, best = sweep(out, "search", mode, "sweep.search=optuna", "sweep.scheduler=asha",
-                               f"sweep.num_samples={max(1, configs // 2)}",
-                               f"sweep.confirm.top_k={mode['top_k']}", f"sweep.confirm.seeds={mode['seeds']}")
+        searches = [sweep(out, "search" if seed == 0 else f"search-seed{seed}", mode, "sweep.search=optuna",
+                          "sweep.scheduler=asha", f"sweep.num_samples={max(1, configs // 2)}",
+                          f"sweep.confirm.top_k={mode['top_k']}", f"sweep.confirm.seeds={mode['seeds']}",
+                          f"sweep.seed={seed}")
+                    for seed in range(args.search_seeds)]
     truth, noise, grid_cpu = ground_truth(grid)
-    search_cpu = sum(t["last_time_total_s"] or 0.0 for t in searched if not _confirm(t))
-    all_cpu = sum(t["last_time_total_s"] or 0.0 for t in searched)
-    rows = [("search only (best trial)", best["search_best"], search_cpu),
-            ("with confirmation", {"arch": best["arch"], "lr": best["lr"]}, all_cpu)]
     best_key = min(truth, key=truth.__getitem__)
     print(f"\n{configs} configs; best {best_key[0]} lr {best_key[1]:.0e} (true val_loss "
           f"{truth[best_key]:.4f}); seed noise (pooled sd of the final val_loss) {noise:.4f}; "
           f"exhaustive grid at one seed: {grid_cpu:.0f} CPU-s\n")
-    print(f"{'strategy':<26} {'chosen':<16} {'true val_loss':>13} {'regret (noise)':>15} {'CPU-s':>7} {'CPU ratio':>9}")
+    print(f"{'seed':>4} {'strategy':<26} {'chosen':<16} {'true val_loss':>13} {'regret (noise)':>15} "
+          f"{'CPU-s':>7} {'CPU ratio':>9}")
     result: dict[str, Any] = {"bench": "regret", "smoke": args.smoke, "configs": configs,
                               "seed_noise": noise, "grid_cpu_s": grid_cpu, "load_start": load_start}
-    for label, pick, cpu in rows:
-        regret = regret_of(pick, truth, noise)
-        chosen = f"{pick['arch']} lr {pick['lr']:.0e}"
-        print(f"{label:<26} {chosen:<16} {truth[(pick['arch'], round(pick['lr'], 12))]:>13.4f} "
-              f"{regret:>15.2f} {cpu:>7.0f} {cpu / grid_cpu:>9.2f}")
-        key = "confirmed" if "confirmation" in label else "search"
-        result.update({f"{key}_choice": chosen, f"{key}_regret": regret, f"{key}_cpu_ratio": cpu / grid_cpu})
+    for seed, (searched, best) in enumerate(searches):
+        for key, label, pick, cpu in strategies(searched, best):
+            regret = regret_of(pick, truth, noise)
+            chosen = f"{pick['arch']} lr {pick['lr']:.0e}"
+            print(f"{seed:>4} {label:<26} {chosen:<16} {truth[(pick['arch'], round(pick['lr'], 12))]:>13.4f} "
+                  f"{regret:>15.2f} {cpu:>7.0f} {cpu / grid_cpu:>9.2f}")
+            if seed == 0:
+                result.update({f"{key}_choice": chosen, f"{key}_regret": regret, f"{key}_cpu_ratio": cpu / grid_cpu})
+            result.setdefault(f"{key}_regret_by_seed", []).append(regret)
+            result.setdefault(f"{key}_cpu_ratio_by_seed", []).append(cpu / grid_cpu)
+    for key in ("search", "confirmed"):
+        within = sum(r < 1 for r in result[f"{key}_regret_by_seed"])
+        result[f"{key}_within_noise"] = within
+        print(f"{key}: within the seed noise in {within} of {len(searches)} search seeds")
     result["load_end"] = print_load("end")
     if args.json:
         print_json(result)
+
+
+def strategies(searched: list[dict], best: dict[str, Any]) -> list[tuple[str, str, dict, float]]:
+    """(JSON key, label, chosen config, CPU-s) of the search alone and with its confirmation;
+    the search-only cost counts the search trials alone."""
+    search_cpu = sum(t["last_time_total_s"] or 0.0 for t in searched if not _confirm(t))
+    all_cpu = sum(t["last_time_total_s"] or 0.0 for t in searched)
+    return [("search", "search only (best trial)", best["search_best"], search_cpu),
+            ("confirmed", "with confirmation", {"arch": best["arch"], "lr": best["lr"]}, all_cpu)]
 
 
 def _confirm(trial: dict[str, Any]) -> bool:

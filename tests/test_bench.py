@@ -136,12 +136,17 @@ def test_load_smoke() -> None:
 @pytest.mark.slow
 @pytest.mark.extended
 def test_regret_smoke() -> None:
-    result = run_smoke("regret.py", timeout=240)
+    result = run_smoke("regret.py", "--search-seeds", "2", timeout=300)
     check(result, {"seed_noise", "search_regret", "confirmed_regret"},
           {"grid_cpu_s", "search_cpu_ratio", "confirmed_cpu_ratio"})
     assert result["configs"] == 2 and result["search_regret"] >= 0 and result["confirmed_regret"] >= 0
     # The confirmation adds trials: it never costs less than the search it confirms.
     assert result["confirmed_cpu_ratio"] > result["search_cpu_ratio"]
+    # One row per search seed against the one ground truth; seed 0's is the headline.
+    for key in ("search", "confirmed"):
+        assert len(result[f"{key}_regret_by_seed"]) == 2 == len(result[f"{key}_cpu_ratio_by_seed"])
+        assert result[f"{key}_regret_by_seed"][0] == result[f"{key}_regret"]
+        assert result[f"{key}_within_noise"] == sum(r < 1 for r in result[f"{key}_regret_by_seed"])
 
 
 def test_regret_counts_in_seed_noise_against_the_one_seed_grid() -> None:
