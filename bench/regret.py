@@ -19,7 +19,7 @@ two sweeps run through `jobs/sweep.py`, the real job:
 
 Target (issue 11): regret within the seed noise at no more than 1/3 of the grid's CPU time.
 
-    python bench/regret.py                # ~40 minutes on 2 cores
+    python bench/regret.py                # ~40 minutes on 2 cores (BENCHMARKS.md section 9)
     python bench/regret.py --out DIR --search-seeds 4   # the ground truth in DIR reused
     python bench/regret.py --smoke --json # under a minute: a 2-config micro space
 """
