@@ -218,6 +218,7 @@ def _confirm_checkpointed(exp: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended      # ~2 min; the default set keeps tests/test_faults.py's driver-kill resume
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     # Killed inside the confirmation stage: the finished search is restored as it is,
     # and the confirmation resumes its own experiment with the same candidates.
