@@ -87,8 +87,9 @@ def _storage_code(frame: FrameType) -> bool:
 def exit_past_stuck_storage_calls(code: int, grace_s: float | None = None) -> None:
     """Once a job's work is done: if S3 calls are still running after `grace_s`, say so
     and exit with `code` now. pyarrow's exit handler waits for every S3 call in flight,
-    holding the interpreter, so one request that never returns (seen once: Tune's last
-    upload of the experiment state) would keep a finished job alive forever."""
+    holding the interpreter, so one request that never returns (by its Ray logs, what hung
+    one CI run: Tune's last upload of the experiment state) would keep a finished job alive
+    forever."""
     grace_s = STUCK_CALLS_GRACE_S if grace_s is None else grace_s
     deadline = time.monotonic() + grace_s
     while (stuck := stuck_storage_calls()) and time.monotonic() < deadline:

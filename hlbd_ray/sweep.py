@@ -47,9 +47,10 @@ CONFIRM_DIR = "confirm"   # the confirmation stage's Tune experiment, inside the
 DRIVER_CPU = 0.01
 
 # Tune waits this long at most for one upload of the experiment state to storage (Ray's
-# default: 30 min). Tune's last save waits before it frees the trials' actors, and once,
-# with S3 storage, that upload never returned and the sweep hung (tests/test_s3.py in CI):
-# a stuck upload now costs at most this, logged as an error, and the sweep ends.
+# default: 30 min). Tune's last save waits before it frees the trials' actors; once, with
+# S3 storage, a sweep hung there (tests/test_s3.py in CI: by the Ray logs, its driver
+# stopped after the last trial ended, before Tune's "Wrote the latest version" line).
+# A stuck upload now costs at most this, logged as an error, and the sweep ends.
 STATE_SYNC_TIMEOUT_S = 120
 
 
