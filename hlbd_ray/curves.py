@@ -46,6 +46,12 @@ def finite(value: Any) -> float | None:
     return x if -INF < x < INF else None
 
 
+def path_or_none(value: Any) -> str | None:
+    """A checkpoint path as a result carries it, or None (results dataframes hold NaN for
+    a missing one)."""
+    return value if isinstance(value, str) else None
+
+
 def as_int(value: Any, default: int | None = 0) -> int | None:
     try:
         return int(value)
@@ -246,8 +252,7 @@ def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
     out.update({k: as_int(report.get(k), None) for k in EPOCH_INTS})
     out[MODULES_KEY] = {module: {k: finite(v) for k, v in values.items()}
                         for module, values in (report.get(MODULES_KEY) or {}).items()}
-    path = report.get("checkpoint_path")
-    out[CHECKPOINT_KEY] = path if isinstance(path, str) else None
+    out[CHECKPOINT_KEY] = path_or_none(report.get("checkpoint_path"))
     return out
 
 

@@ -15,6 +15,7 @@ from hlbd_ray.config import Config, to_yaml
 from hlbd_ray.confirm import CONFIRM_STAGE, config_key, config_stats, format_report, verdict
 from hlbd_ray.console import BUDGET, COMPLETED, ERRORED, INTERRUPTED, NOT_RUN, STOPPED
 from hlbd_ray.contract import best_index
+from hlbd_ray.curves import path_or_none
 from hlbd_ray.errors import EXIT_FAILURE, EXIT_OK
 from hlbd_ray.files import atomic_write_json, atomic_write_text
 from hlbd_ray.metrics import finite_or_none
@@ -71,14 +72,9 @@ def final_table_rows(results: Any, metric: str, mode: str,
                        best_val_exact=finite_or_none(best.get("val_exact")),
                        best_epoch=int(best["epoch"]),
                        checkpoint=(checkpoints or {}).get((trial_id, int(best["epoch"])))
-                       or _path_or_none(best.get("checkpoint_path")))
+                       or path_or_none(best.get("checkpoint_path")))
         rows.append(row)
     return rows
-
-
-def _path_or_none(value: Any) -> str | None:
-    """A path from a results dataframe, whose missing values are NaN."""
-    return value if isinstance(value, str) else None
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
