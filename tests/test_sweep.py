@@ -21,7 +21,15 @@ from hlbd_ray.errors import EXIT_USER_ERROR, UserError, run_cli
 from hlbd_ray.generate import Decoder
 from hlbd_ray.lifecycle import STALL_FLOOR_S
 from hlbd_ray.search import REPEAT_KEY
-from hlbd_ray.sweep import DRIVER_CPU, STATE_SYNC_TIMEOUT_S, main, plan_resources, run_config, trial_config
+from hlbd_ray.sweep import (
+    DRIVER_CPU,
+    STATE_SYNC_TIMEOUT_S,
+    main,
+    plan_resources,
+    run_config,
+    start_timeout_s,
+    trial_config,
+)
 
 from .conftest import RAY_TEST_ENV, REPO, run_job
 
@@ -69,6 +77,15 @@ def test_uploads_of_the_experiment_state_are_bounded_well_inside_the_stall_timeo
     config = run_config(cfg.sweep, "s3://bucket/runs", "smoke", [])
     assert config.sync_config.sync_timeout == STATE_SYNC_TIMEOUT_S <= STALL_FLOOR_S / 4
     assert config.failure_config.max_failures == cfg.sweep.trial_max_failures
+
+
+def test_trains_worker_start_timeout_follows_the_sweeps_stall_timeout():
+    # A worker group waiting for CPUs another trial is about to free is not failing:
+    # Train's 60 s default gives way to the stall timeout (its floor when left at 0).
+    cfg = load_config(str(REPO / "conf" / "smoke.yaml"), [])
+    assert cfg.sweep.stall_timeout_s == 0 and start_timeout_s(cfg.sweep) == STALL_FLOOR_S > 60
+    waits = load_config(str(REPO / "conf" / "smoke.yaml"), ["sweep.stall_timeout_s=900"])
+    assert start_timeout_s(waits.sweep) == 900
 
 
 def test_a_trial_config_decodes_its_architecture_and_lr():
