@@ -37,7 +37,7 @@ from hlbd_ray.search import (
     uses_basic_generator,
 )
 from hlbd_ray.summary import finish
-from hlbd_ray.trainer import preflight, runs_that_fit, storage_join, with_cluster_precision
+from hlbd_ray.trainer import preflight, retained_checkpoints, runs_that_fit, storage_join, with_cluster_precision
 from hlbd_ray.trial import run_trial, trial_config  # noqa: F401  (trial_config: part of this module's interface)
 
 CONFIRM_DIR = "confirm"   # the confirmation stage's Tune experiment, inside the sweep's folder
@@ -187,7 +187,7 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
     import ray
 
     from hlbd_ray.report import ReportAggregator
-    from hlbd_ray.tables import REPORT_DIR, epoch_checkpoints
+    from hlbd_ray.tables import REPORT_DIR
 
     s, hooks = cfg.sweep, hooks or SweepHooks()
     start_ray(cfg.cluster, {START_TIMEOUT_ENV: f"{start_timeout_s(s):g}", **hooks.env},
@@ -226,14 +226,22 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
                       outcome=lambda tid, errored: status.outcome(tid, errored, cut_short),
                       stopped_by=interrupt.reason, stop_code=interrupt.code,
                       placement=keeper.summary(len(left)), started=started or time.time(),
-                      # the aggregator's record, written at the experiment's end
-                      checkpoints=epoch_checkpoints(report_dir / REPORT_DIR))
+                      checkpoints=best_checkpoint_record(cfg, report_dir / REPORT_DIR))
         if interrupt.reason:
             print(resume_hint(interrupt.reason), file=sys.stderr, flush=True)
         return code
     finally:
         live.clear()
         ray.shutdown()
+
+
+def best_checkpoint_record(cfg: Config, report_dir: Path) -> dict[tuple[str, int], str]:
+    """(trial id, epoch) -> checkpoint, for best.json: Ray Train's record of the checkpoints
+    it kept (they exist), then the report aggregator's (the epochs the driver saw)."""
+    from hlbd_ray.tables import epoch_checkpoints
+
+    train_storage = storage_join(cfg.resolved_storage_path(), cfg.sweep.name, "train")
+    return {**epoch_checkpoints(report_dir), **retained_checkpoints(train_storage)}
 
 
 def confirm_stage(cfg: Config, search: list[Any], data_ref: Any, resources: TrialResources,

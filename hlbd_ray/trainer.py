@@ -193,3 +193,34 @@ def with_cluster_precision(cfg: Config) -> Config:
     if t.precision == Precision.auto:
         print(f"precision: auto is {precision} on the workers' hardware", flush=True)
     return replace(cfg, train=replace(t, precision=Precision(precision)))
+
+
+# Ray Train's record of a run's retained checkpoints, in the run's storage folder.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def retained_checkpoints(train_storage: str) -> dict[tuple[str, int], str]:
+    """(run name, epoch) -> checkpoint path, for every checkpoint Ray Train still keeps
+    under `train_storage` (a sweep's trials are runs named by their trial ids).
+
+    Paths are on the storage's filesystem, as Ray reports them. This is the record that
+    survives the driver: a trial that finished while the sweep's driver was down reaches
+    the resumed driver only through Tune's result log, which can lack the checkpoint."""
+    import json
+
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(train_storage)
+    runs = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    found: dict[tuple[str, int], str] = {}
+    for run in (r for r in runs if r.type == pyarrow.fs.FileType.Directory):
+        snapshot = f"{run.path}/{SNAPSHOT_FILE}"
+        if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
+            continue      # a run that has not reported a checkpoint yet
+        with fs.open_input_stream(snapshot) as handle:
+            state = json.loads(handle.read())
+        for result in state.get("checkpoint_results", []):
+            epoch = (result.get("metrics") or {}).get("epoch")
+            if epoch is not None:
+                found[(run.base_name, int(epoch))] = f"{run.path}/{result['checkpoint_dir_name']}"
+    return found

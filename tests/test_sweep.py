@@ -30,6 +30,8 @@ from hlbd_ray.sweep import (
     start_timeout_s,
     trial_config,
 )
+from hlbd_ray.tables import epoch_checkpoints
+from hlbd_ray.trainer import retained_checkpoints
 
 from .conftest import RAY_TEST_ENV, REPO, run_job
 
@@ -178,8 +180,15 @@ def test_smoke_sweep_end_to_end(tmp_path):
     decoder = Decoder.load(best["checkpoint"])
     assert abs(decoder.validation_loss(data.val, str(best_cfg.train.loss_on)) - best["best_val_loss"]) < 1e-4
     # Retention: the best by score plus the newest, never more.
+    saved = {p for p in (exp / "train").glob("*/checkpoint_*") if p.is_dir()}   # not Train's snapshot file
     for folder in (exp / "train").iterdir():
-        assert 1 <= len(list(folder.glob("checkpoint_*"))) <= 2, folder
+        assert 1 <= len([p for p in saved if p.parent == folder]) <= 2, folder
+    # Ray Train's record of what it kept (best.json's fallback after a resume) names exactly
+    # the checkpoints on disk, at the epochs the driver recorded for them.
+    kept = retained_checkpoints(str(exp / "train"))
+    assert {Path(p) for p in kept.values()} == saved
+    recorded = epoch_checkpoints(exp / "report")
+    assert kept and all(recorded[key] == path for key, path in kept.items())
     for name in ("curves.parquet", "epochs.parquet", "experiment_report.json"):
         assert (exp / "report" / name).is_file()
     # Validation per module: in Tune's results as nested keys, and in modules.parquet.
