@@ -226,7 +226,8 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
                       outcome=lambda tid, errored: status.outcome(tid, errored, cut_short),
                       stopped_by=interrupt.reason, stop_code=interrupt.code,
                       placement=keeper.summary(len(left)), started=started or time.time(),
-                      checkpoints=best_checkpoint_record(cfg, report_dir / REPORT_DIR))
+                      checkpoints=best_checkpoint_record(storage_join(cfg.resolved_storage_path(), s.name),
+                                                         report_dir / REPORT_DIR))
         if interrupt.reason:
             print(resume_hint(interrupt.reason), file=sys.stderr, flush=True)
         return code
@@ -235,13 +236,13 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
         ray.shutdown()
 
 
-def best_checkpoint_record(cfg: Config, report_dir: Path) -> dict[tuple[str, int], str]:
+def best_checkpoint_record(experiment: str, report_dir: Path) -> dict[tuple[str, int], str]:
     """(trial id, epoch) -> checkpoint, for best.json: Ray Train's record of the checkpoints
-    it kept (they exist), then the report aggregator's (the epochs the driver saw)."""
+    it kept under the `experiment` (they exist), then the report aggregator's (the epochs
+    the driver saw). The first covers a trial that finished while the driver was down."""
     from hlbd_ray.tables import epoch_checkpoints
 
-    train_storage = storage_join(cfg.resolved_storage_path(), cfg.sweep.name, "train")
-    return {**epoch_checkpoints(report_dir), **retained_checkpoints(train_storage)}
+    return {**epoch_checkpoints(report_dir), **retained_checkpoints(storage_join(experiment, "train"))}
 
 
 def confirm_stage(cfg: Config, search: list[Any], data_ref: Any, resources: TrialResources,

@@ -24,6 +24,7 @@ from hlbd_ray.search import REPEAT_KEY
 from hlbd_ray.sweep import (
     DRIVER_CPU,
     STATE_SYNC_TIMEOUT_S,
+    best_checkpoint_record,
     main,
     plan_resources,
     run_config,
@@ -189,6 +190,10 @@ def test_smoke_sweep_end_to_end(tmp_path):
     assert {Path(p) for p in kept.values()} == saved
     recorded = epoch_checkpoints(exp / "report")
     assert kept and all(recorded[key] == path for key, path in kept.items())
+    # Without the driver's record (a best epoch the driver never saw before a resume),
+    # Train's alone still names best.json's checkpoint.
+    alone = best_checkpoint_record(str(exp), tmp_path / "no-report")
+    assert alone[(best["trial_id"], best["best_epoch"])] == best["checkpoint"]
     for name in ("curves.parquet", "epochs.parquet", "experiment_report.json"):
         assert (exp / "report" / name).is_file()
     # Validation per module: in Tune's results as nested keys, and in modules.parquet.
