@@ -55,6 +55,7 @@ Measured, per side:
     python bench/time_to_quality.py --write --out DIR # ... and write BENCHMARKS.md section 12 (DIR/raw.json kept)
     python bench/time_to_quality.py --again DIR/raw.json --write   # the report again, nothing run
     python bench/time_to_quality.py --smoke --json    # micro model, 4 tiny trials, about a minute
+    python bench/time_to_quality.py --set sweep.reduction_factor=3   # an override on both sides
 """
 
 from __future__ import annotations
@@ -588,6 +589,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--write", action="store_true", help="write section 12 of BENCHMARKS.md and its figure")
     parser.add_argument("--out", help="keep both runs' folders and raw.json here (default: a temporary folder)")
     parser.add_argument("--again", metavar="RAW_JSON", help="report (and --write) a saved run's raw.json, running nothing")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both sides, after the benchmark's own (e.g. sweep.reduction_factor=3)")
     args = parser.parse_args()
     if args.smoke and args.write:
         parser.exit(2, "time_to_quality.py: --write records the full run only, not --smoke\n")
@@ -596,9 +599,9 @@ def parse_args() -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, print_load: Any) -> dict[str, Any]:
     """Both runs; what they measured is also saved as raw.json in --out (for --again)."""
-    job = SMOKE_JOB if args.smoke else FULL_JOB
+    job = [*(SMOKE_JOB if args.smoke else FULL_JOB), *args.set]
     saved = {"load_start": print_load("start"), "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-             "commit": git_commit()}
+             "commit": git_commit(), "overrides": args.set}
     with tempfile.TemporaryDirectory(prefix="bench-ttq-") as tmp:
         out = Path(args.out or tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -641,13 +644,14 @@ def main() -> None:
     print_report(ours, peer, c)
     load_end = saved.get("load_end") or print_load("end")
     if args.write:
+        sets = "".join(f" --set {o}" for o in saved.get("overrides", []))
         meta = {"date": saved["date"], "commit": saved.get("commit"), "cpu": cpu_model(), "load_start": load_start, "load_end": load_end,
-                "command": "python bench/time_to_quality.py --write"}
+                "command": f"python bench/time_to_quality.py --write{sets}"}
         figure = plot(ours, peer, REPO / "bench" / "figures" / "time_to_quality.png")
         write_section(markdown(ours, peer, c, scale, meta, figure))
         print("wrote BENCHMARKS.md section 12" + (" and bench/figures/time_to_quality.png" if figure else ""))
     if args.json:
-        print_json({"bench": "time_to_quality", "smoke": args.smoke, **c,
+        print_json({"bench": "time_to_quality", "smoke": args.smoke, "overrides": saved.get("overrides", []), **c,
                     "overhead_cpu_s_per_trial": ours["overhead_cpu_s_per_trial"], "step_share": ours["step_share"],
                     "ours": ours, "peer": peer, "scaling": scale, "loadavg_start": load_start, "loadavg_end": load_end})
 

@@ -9,6 +9,8 @@ BENCHMARKS.md section 3, "Levers (issue 14)").
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +33,30 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     return replace(base, model=model, train=replace(base.train, lr=float(params[LR_KEY]), seed=seed))
 
 
+# How long a finished trial waits for Tune to take Train's last report off the relay
+# queue, and the pause after, in which Tune's thread hands the taken report on.
+RELAY_DRAIN_S = 30.0
+RELAY_SETTLE_S = 0.5
+
+
+def relay_drained(queue: Any, timeout_s: float = RELAY_DRAIN_S) -> bool:
+    """Wait until Tune's thread has taken every Train report off `queue` (the
+    TuneReportCallback's queue actor); False if it has not within `timeout_s`.
+
+    Why: in Ray 2.60 this trial's own reports (the re-report below, and Tune's end-of-
+    function report) and Tune's thread moving a relayed report on both put into the
+    session's one-slot result queue, which only that thread empties. When a relayed
+    report is still queued as the trial function reports, each waits on the other
+    forever (seen: a smoke sweep's trial actor, both threads in Queue.put, py-spy)."""
+    deadline = time.monotonic() + timeout_s
+    while not queue.empty():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    time.sleep(RELAY_SETTLE_S)
+    return True
+
+
 def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], train_storage: str,
               worker_cpu: float) -> None:
     """Tune function trainable: one trial = one Ray Train run, reported through Tune."""
@@ -46,7 +72,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
     owner = ray.get_runtime_context().get_actor_id()
     assert owner is not None  # None only outside an actor, and a Tune trial runs in one
     mark = trial_tag(trial_id, owner)
-    trainer = build_trainer(cfg, data[0], train_storage, trial_id, [TuneReportCallback()],
+    relay = TuneReportCallback()
+    trainer = build_trainer(cfg, data[0], train_storage, trial_id, [relay],
                             worker_cpu=worker_cpu, label_selector=mark,
                             controller_in_process=cfg.sweep.controller_in_trial, lean=cfg.sweep.lean_train_actors)
     try:
@@ -57,6 +84,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], tra
             raise      # Tune records the Train error, whose last line names the cause
         # A user error inside a worker (e.g. a refused checkpoint): its one line is enough.
         raise RuntimeError(str(cause)) from None
+    if not relay_drained(relay._training_actor_item_queue):
+        print(f"trial {trial_id}: Tune did not take Train's last report within {RELAY_DRAIN_S:.0f} s; "
+              "no final re-report", file=sys.stderr, flush=True)
+        return
     if result.metrics:
         # Train's own record of the last epoch end, once more, through Tune's session: the
         # callback's last report can miss Tune when the run ends right after it (seen: a

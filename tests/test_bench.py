@@ -202,11 +202,13 @@ def test_time_to_quality_peer_searches_the_sweeps_space(overrides: list[str]) ->
 @pytest.mark.slow
 @pytest.mark.extended
 def test_time_to_quality_smoke() -> None:
-    result = run_smoke("time_to_quality.py", timeout=300)
+    # An override goes into both sides' job arguments and is recorded with the run.
+    result = run_smoke("time_to_quality.py", "--set", "sweep.reduction_factor=4", timeout=300)
     check(result, {"overhead_cpu_s_per_trial", "ttq_ratio"}, {"wall_ratio", "ttq_ratio_common", "step_share"})
     ours, peer = result["ours"], result["peer"]
     # The same trials on both sides: fewer than TPE's 10 random start-up draws, same seed.
     assert ours["trials"] == peer["trials"] == 4 and result["same_configs"]
+    assert result["overrides"] == ["sweep.reduction_factor=4"]
     for side in (ours, peer):
         losses = [loss for _, loss, _ in side["curve"]]
         times = [t for t, _, _ in side["curve"]]

@@ -75,3 +75,33 @@ def test_a_lean_trial_starts_no_controller_dataset_or_cleaner_actor(tmp_path: Pa
     assert not classes & {"TrainController", "DatasetManager", "PlacementGroupCleaner"}, classes
     end = json.loads((tmp_path / "lean" / "sweep_end.json").read_text())
     assert end["placement_groups"]["left"] == 0, end
+
+
+@pytest.mark.slow
+def test_a_finished_trial_waits_until_tune_has_taken_trains_last_report():
+    # The relay is TuneReportCallback's queue actor; here Tune's thread is a timer that
+    # takes the one queued report after 0.5 s.
+    import threading
+    import time
+
+    import ray
+    from ray.util.queue import Queue
+
+    from hlbd_ray.trial import RELAY_SETTLE_S, relay_drained
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        relay = Queue(1, actor_options={"num_cpus": 0})
+        relay.put({"epoch": 3})
+        taker = threading.Timer(0.5, relay.get)
+        start = time.monotonic()
+        taker.start()
+        assert relay_drained(relay, timeout_s=30)
+        assert time.monotonic() - start >= 0.5 + RELAY_SETTLE_S and relay.empty()
+        taker.join()
+        relay.put({"epoch": 4})           # nobody takes this one: bounded, and says so
+        start = time.monotonic()
+        assert not relay_drained(relay, timeout_s=0.5)
+        assert 0.5 <= time.monotonic() - start < 5
+    finally:
+        ray.shutdown()
