@@ -8,6 +8,7 @@ re-reading the files.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,7 +219,13 @@ def retained_checkpoints(train_storage: str) -> dict[tuple[str, int], str]:
         if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
             continue      # a run that has not reported a checkpoint yet
         with fs.open_input_stream(snapshot) as handle:
-            state = json.loads(handle.read())
+            text = handle.read()
+        try:
+            state = json.loads(text)
+        except json.JSONDecodeError as err:      # e.g. cut short by a killed run: its report record stands
+            print(f"note: Ray Train's checkpoint record {snapshot} is unreadable ({err}); skipped",
+                  file=sys.stderr, flush=True)
+            continue
         for result in state.get("checkpoint_results", []):
             epoch = (result.get("metrics") or {}).get("epoch")
             if epoch is not None:

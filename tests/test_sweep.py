@@ -32,7 +32,7 @@ from hlbd_ray.sweep import (
     trial_config,
 )
 from hlbd_ray.tables import epoch_checkpoints
-from hlbd_ray.trainer import retained_checkpoints
+from hlbd_ray.trainer import SNAPSHOT_FILE, retained_checkpoints
 
 from .conftest import RAY_TEST_ENV, REPO, run_job
 
@@ -89,6 +89,21 @@ def test_trains_worker_start_timeout_follows_the_sweeps_stall_timeout():
     assert cfg.sweep.stall_timeout_s == 0 and start_timeout_s(cfg.sweep) == STALL_FLOOR_S > 60
     waits = load_config(str(REPO / "conf" / "smoke.yaml"), ["sweep.stall_timeout_s=900"])
     assert start_timeout_s(waits.sweep) == 900
+
+
+def test_trains_checkpoint_record_maps_epochs_and_names_an_unreadable_one(tmp_path, capsys):
+    # The real format is checked against Ray Train's own files in test_smoke_sweep_end_to_end.
+    train = tmp_path / "train"
+    for run, text in {"t1": '{"checkpoint_results": [', "t3": json.dumps({"checkpoint_results": [
+            {"checkpoint_dir_name": "checkpoint_a", "metrics": {"epoch": 2}},
+            {"checkpoint_dir_name": "checkpoint_b", "metrics": {"epoch": 3}}]})}.items():
+        (train / run).mkdir(parents=True)
+        (train / run / SNAPSHOT_FILE).write_text(text)
+    (train / "t2").mkdir()          # a run with no checkpoint yet
+    assert retained_checkpoints(str(train)) == {("t3", 2): f"{train}/t3/checkpoint_a",
+                                                ("t3", 3): f"{train}/t3/checkpoint_b"}
+    assert f"{train}/t1/{SNAPSHOT_FILE} is unreadable" in capsys.readouterr().err
+    assert retained_checkpoints(str(tmp_path / "none")) == {}
 
 
 def test_a_trial_config_decodes_its_architecture_and_lr():
