@@ -24,8 +24,9 @@ STRESS = ["cluster.num_cpus=2", "sweep.num_samples=30", "sweep.max_concurrent_tr
           "sweep.scheduler=asha", "sweep.grace_period=1", "sweep.reduction_factor=2",
           "train.epochs=3", "sweep.time_budget_s=120"]
 HANG_S = 330
-# The start-up levers of issue 14 (off by default): the Train controller inside the trial's
-# own process, and no dataset manager or placement-group cleaner actors.
+# The start-up levers of issue 14: no dataset manager or placement-group cleaner actors
+# (on by default), and the Train controller inside the trial's own process (off by default).
+STOCK = ["sweep.controller_in_trial=false", "sweep.lean_train_actors=false"]
 LEVERS = ["sweep.controller_in_trial=true", "sweep.lean_train_actors=true"]
 
 
@@ -47,7 +48,7 @@ def run_bounded(args: list[str], log: Path, timeout: float, env: dict[str, str])
 @pytest.mark.slow
 @pytest.mark.extended
 @pytest.mark.timeout(HANG_S + 60)
-@pytest.mark.parametrize("levers", [[], LEVERS], ids=["default", "levers-on"])
+@pytest.mark.parametrize("levers", [STOCK, [], LEVERS], ids=["stock-ray", "default", "levers-on"])
 def test_a_stress_sweep_ends_and_leaks_no_placement_group(tmp_path, levers):
     log = tmp_path / "driver.log"
     code = run_bounded(["--config", SMOKE, f"output_dir={tmp_path}", *STRESS, *levers], log, HANG_S,
