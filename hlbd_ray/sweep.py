@@ -40,6 +40,7 @@ from hlbd_ray.summary import finish
 from hlbd_ray.trainer import preflight, retained_checkpoints, runs_that_fit, storage_join, with_cluster_precision
 from hlbd_ray.trial import run_trial, trial_config  # noqa: F401  (trial_config: part of this module's interface)
 
+TRAIN_DIR = "train"       # every trial's Train run (named by its trial id), inside the sweep's folder
 CONFIRM_DIR = "confirm"   # the confirmation stage's Tune experiment, inside the sweep's folder
 
 # The per-trial driver actor only waits on its Train run; it gets a sliver of a CPU so
@@ -93,12 +94,12 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
     function of the finished search, so a resumed sweep rebuilds the same space.
     """
     s = cfg.sweep
-    experiment = storage_join(cfg.resolved_storage_path(), s.name)
+    experiment = experiment_path(cfg)
     # The data ref travels inside a list so Tune hands the reference, not the data, to
     # every trial: workers fetch it zero-copy from the object store.
     trainable = tune.with_parameters(
         run_trial, base=to_dict(cfg), data=[data_ref],
-        train_storage=storage_join(experiment, "train"), worker_cpu=resources.worker_cpu)
+        train_storage=storage_join(experiment, TRAIN_DIR), worker_cpu=resources.worker_cpu)
     trainable = tune.with_resources(trainable, {"cpu": DRIVER_CPU})
     if candidates is None:
         storage, name, space = cfg.resolved_storage_path(), s.name, param_space(s)
@@ -174,9 +175,14 @@ def start_timeout_s(sweep: SweepConfig) -> float:
     return sweep.stall_timeout_s if sweep.stall_timeout_s > 0 else STALL_FLOOR_S
 
 
+def experiment_path(cfg: Config) -> str:
+    """The sweep's Tune experiment in storage; its trials' Train runs are in TRAIN_DIR."""
+    return storage_join(cfg.resolved_storage_path(), cfg.sweep.name)
+
+
 def tensorboard_dir(cfg: Config) -> str:
     """Where Tune writes each trial's event files: the experiment folder in storage."""
-    experiment = storage_join(cfg.resolved_storage_path(), cfg.sweep.name)
+    experiment = experiment_path(cfg)
     return experiment if "://" in experiment else str(Path(experiment).resolve())
 
 
@@ -226,8 +232,7 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
                       outcome=lambda tid, errored: status.outcome(tid, errored, cut_short),
                       stopped_by=interrupt.reason, stop_code=interrupt.code,
                       placement=keeper.summary(len(left)), started=started or time.time(),
-                      checkpoints=best_checkpoint_record(storage_join(cfg.resolved_storage_path(), s.name),
-                                                         report_dir / REPORT_DIR))
+                      checkpoints=best_checkpoint_record(experiment_path(cfg), report_dir / REPORT_DIR))
         if interrupt.reason:
             print(resume_hint(interrupt.reason), file=sys.stderr, flush=True)
         return code
@@ -242,7 +247,7 @@ def best_checkpoint_record(experiment: str, report_dir: Path) -> dict[tuple[str,
     the driver saw). The first covers a trial that finished while the driver was down."""
     from hlbd_ray.tables import epoch_checkpoints
 
-    return {**epoch_checkpoints(report_dir), **retained_checkpoints(storage_join(experiment, "train"))}
+    return {**epoch_checkpoints(report_dir), **retained_checkpoints(storage_join(experiment, TRAIN_DIR))}
 
 
 def confirm_stage(cfg: Config, search: list[Any], data_ref: Any, resources: TrialResources,
