@@ -19,7 +19,7 @@ two sweeps run through `jobs/sweep.py`, the real job:
 
 Target (issue 11): regret within the seed noise at no more than 1/3 of the grid's CPU time.
 
-    python bench/regret.py                # ~40 minutes on 2 cores (BENCHMARKS.md section 9)
+    python bench/regret.py                # ~15 minutes on 2 cores, +3-4 per search seed (BENCHMARKS.md section 9)
     python bench/regret.py --out DIR --search-seeds 4   # the ground truth in DIR reused
     python bench/regret.py --smoke --json # under a minute: a 2-config micro space
 """
@@ -45,8 +45,8 @@ from bench_output import print_json, print_load
 
 REPO = Path(__file__).resolve().parent.parent
 
-# conf/sweep.yaml's model on half its data (1,000 pairs), so the 36 ground-truth trials fit.
-FULL: dict[str, Any] = {"base": ["data.generated_per_module=200"], "widths": [128, 192], "heads": [2, 4, 8],
+# conf/sweep.yaml's model and data (2,000 pairs): the budget a default sweep's trials get.
+FULL: dict[str, Any] = {"base": [], "widths": [128, 192], "heads": [2, 4, 8],
                         "lrs": [3e-4, 1e-3, 3e-3], "top_k": 2, "seeds": 2}
 SMOKE: dict[str, Any] = {"base": ["--config", "conf/smoke.yaml", "data.generated_per_module=20", "train.epochs=1"],
                          "widths": [32], "heads": [2, 4], "lrs": [3e-3], "top_k": 2, "seeds": 1}
