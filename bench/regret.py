@@ -21,6 +21,7 @@ Target (issue 11): regret within the seed noise at no more than 1/3 of the grid'
 
     python bench/regret.py                # ~15 minutes on 2 cores, +3-4 per search seed (BENCHMARKS.md section 9)
     python bench/regret.py --out DIR --search-seeds 4   # the ground truth in DIR reused
+    python bench/regret.py --out DIR2 --set sweep.rung_min_peers=2   # DIR2/truth: a link to DIR's
     python bench/regret.py --smoke --json # under a minute: a 2-config micro space
 """
 
@@ -99,6 +100,8 @@ def main() -> None:
                                       "sweep found there is reused as it is")
     parser.add_argument("--search-seeds", type=int, default=1,
                         help="run the search with sweep.seed 0..N-1 against the one ground truth")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the search (not the ground truth); repeatable")
     args = parser.parse_args()
     mode = SMOKE if args.smoke else FULL
     configs = len(mode["widths"]) * len(mode["heads"]) * len(mode["lrs"])   # all divide here
@@ -110,7 +113,7 @@ def main() -> None:
         searches = [sweep(out, "search" if seed == 0 else f"search-seed{seed}", mode, "sweep.search=optuna",
                           "sweep.scheduler=asha", f"sweep.num_samples={max(1, configs // 2)}",
                           f"sweep.confirm.top_k={mode['top_k']}", f"sweep.confirm.seeds={mode['seeds']}",
-                          f"sweep.seed={seed}")
+                          f"sweep.seed={seed}", *args.set)
                     for seed in range(args.search_seeds)]
     truth, noise, grid_cpu = ground_truth(grid)
     best_key = min(truth, key=truth.__getitem__)
@@ -119,7 +122,7 @@ def main() -> None:
           f"exhaustive grid at one seed: {grid_cpu:.0f} CPU-s\n")
     print(f"{'seed':>4} {'strategy':<26} {'chosen':<16} {'true val_loss':>13} {'regret (noise)':>15} "
           f"{'CPU-s':>7} {'CPU ratio':>9}")
-    result: dict[str, Any] = {"bench": "regret", "smoke": args.smoke, "configs": configs,
+    result: dict[str, Any] = {"bench": "regret", "smoke": args.smoke, "overrides": args.set, "configs": configs,
                               "seed_noise": noise, "grid_cpu_s": grid_cpu, "load_start": load_start}
     for seed, (searched, best) in enumerate(searches):
         for key, label, pick, cpu in strategies(searched, best):

@@ -67,13 +67,49 @@ def confirm_space(candidates: list[tuple[str, float]], first_copy: int, seeds: i
             ARCH_KEY: pick(0), LR_KEY: pick(1), STAGE_KEY: "confirm"}
 
 
+# How often a draw that repeats a launched config is drawn again before it is kept (a
+# space smaller than the sweep's trials has to repeat itself).
+MAX_REDRAWS = 20
+
+
 class EpochOptunaSearch(OptunaSearch):
-    """Optuna's intermediate values must be numbers; before the first validation (or
-    after a non-finite one) the metric is missing and is not reported."""
+    """Optuna search with two fixes for a sweep's trials:
+
+    - Intermediate values must be numbers; before the first validation (or after a
+      non-finite one) the metric is missing and is not reported.
+    - No config twice. On a finite space (lr_values) Optuna draws a config it already
+      launched surprisingly often (2 of 9 draws on the 18-config space of
+      bench/regret.py), and with the same train.seed that trial is the same run again:
+      a wasted slot. Such a draw is told to Optuna as failed (TPE learns only from
+      complete and pruned trials, so it neither counts nor skews anything) and drawn
+      again, up to MAX_REDRAWS times. Copies of a config on purpose are sweep.repeats.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._launched: set[tuple] = set()  # saved and restored with the searcher (its __dict__)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        from optuna.trial import TrialState
+
+        study: Any = self._ot_study   # Ray declares it None until set_search_properties
+        for _ in range(MAX_REDRAWS):
+            params = super().suggest(trial_id)
+            if _config_key(params) not in self._launched:
+                break
+            study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
+        else:
+            params = super().suggest(trial_id)   # the space is spent: a repeat it is
+        self._launched.add(_config_key(params))
+        return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get(self.metric) is not None:
             super().on_trial_result(trial_id, result)
+
+
+def _config_key(params: dict | None) -> tuple:
+    return tuple(sorted((params or {}).items()))
 
 
 class SeedRepeater(Repeater):
@@ -87,13 +123,43 @@ class SeedRepeater(Repeater):
 
 
 class EpochASHA(AsyncHyperBandScheduler):
-    """ASHA that treats a missing metric (no validation yet, or non-finite) as no
-    information instead of failing on None."""
+    """ASHA with two changes:
+
+    - A missing metric (no validation yet, or non-finite) is no information, not a
+      failure on None.
+    - No stop on too few peers: a trial reaching a rung is compared with the trials that
+      reached it before. Ray's ASHA cuts the second trial at a rung when it is worse than
+      the first, so with 2 trials at once one of the first pair is stopped on a single
+      comparison, within the seed noise (seen in bench/regret.py: the best config cut
+      after epoch 1 by the one trial ahead of it). Here a trial is stopped only when at
+      least `min_peers` trials reached the rung before it; its result is still recorded.
+    """
+
+    def __init__(self, *args: Any, min_peers: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._min_peers = min_peers
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if result.get(self._metric) is None:
             return TrialScheduler.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
+        peers = self._peers_at_next_rung(trial, result)
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and peers is not None and peers < self._min_peers:
+            return TrialScheduler.CONTINUE
+        return action
+
+    def _peers_at_next_rung(self, trial: Any, result: dict) -> int | None:
+        """How many trials the rung this result reaches has recorded (None: it reaches no
+        new rung). Mirrors the rung walk of Ray's `_Bracket.on_result` (ray/tune/schedulers/
+        async_hyperband.py): rungs from the highest milestone down."""
+        bracket = self._trial_info.get(trial.trial_id)
+        done = result.get(self._time_attr)
+        if bracket is None or done is None or done >= self._max_t:
+            return None   # at max_t the trial has run its course: ASHA's stop stands
+        for milestone, recorded in bracket._rungs:
+            if done >= milestone and trial.trial_id not in recorded:
+                return len(recorded)
+        return None
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         if result.get(self._metric) is None:
@@ -142,4 +208,4 @@ def build_scheduler(sweep: SweepConfig, max_epochs: int) -> Any:
         return FIFOScheduler()
     return EpochASHA(time_attr="epochs_done", max_t=max_epochs,
                      grace_period=min(sweep.grace_period, max_epochs),
-                     reduction_factor=sweep.reduction_factor)
+                     reduction_factor=sweep.reduction_factor, min_peers=sweep.rung_min_peers)

@@ -91,6 +91,23 @@ def test_ray_overhead_smoke() -> None:
 
 @pytest.mark.slow
 @pytest.mark.extended
+def test_ray_floor_smoke() -> None:
+    result = run_smoke("ray_floor.py", timeout=300)
+    variants = result["variants"]
+    assert set(variants) == {"tune_function", "train_in_tune"}
+    for row in variants.values():
+        assert row["trials"] == 2 and row["errors"] == 0
+        check(row, {"processes_per_trial"}, {"launch_s", "life_s", "cpu_s_per_trial", "trials_per_min"})
+        assert row["launch_s"] < row["life_s"]
+    # A plain Tune trial is one new process; Train inside it adds at least the Train
+    # worker, its synchronization actor, Tune's queue actor and the controller.
+    assert variants["tune_function"]["processes_per_trial"] < 2
+    assert variants["train_in_tune"]["processes_per_trial"] >= 4
+    assert variants["train_in_tune"]["cpu_by_kind"]["RayTrainWorker"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.extended
 def test_sweep_smoke() -> None:
     result = run_smoke("sweep.py")
     check(result, {"idle_slots_s"}, {"step_share", "wall_s", "step_s", "launch_s", "startup_per_trial_s",
@@ -136,9 +153,10 @@ def test_load_smoke() -> None:
 @pytest.mark.slow
 @pytest.mark.extended
 def test_regret_smoke() -> None:
-    result = run_smoke("regret.py", "--search-seeds", "2", timeout=300)
+    result = run_smoke("regret.py", "--search-seeds", "2", "--set", "sweep.rung_min_peers=1", timeout=300)
     check(result, {"seed_noise", "search_regret", "confirmed_regret"},
           {"grid_cpu_s", "search_cpu_ratio", "confirmed_cpu_ratio"})
+    assert result["overrides"] == ["sweep.rung_min_peers=1"]
     assert result["configs"] == 2 and result["search_regret"] >= 0 and result["confirmed_regret"] >= 0
     # The confirmation adds trials: it never costs less than the search it confirms.
     assert result["confirmed_cpu_ratio"] > result["search_cpu_ratio"]

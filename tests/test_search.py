@@ -187,3 +187,44 @@ def test_explicit_learning_rates_are_the_only_ones_any_searcher_launches():
     for search in ("random", "optuna"):
         configs = launched(SweepConfig(search=search, num_samples=6, space=space))
         assert len(configs) == 6 and {c["lr"] for c in configs} <= {1e-4, 1e-3}
+
+
+def test_optuna_never_launches_a_config_twice_until_the_space_is_spent():
+    sweep = SweepConfig(search="optuna", seed=0,
+                        space=SpaceConfig(d_model=[32], num_heads=[2, 4], lr_values=[1e-3, 3e-3]))
+    searcher = build_searcher(sweep, 2)
+    assert searcher.set_search_properties("val_loss", "min", param_space(sweep))
+    drawn = [searcher.suggest(f"t{i}") for i in range(4)]
+    # 4 configs, 4 draws: each once (without the redraw, seed 0 repeats one of them).
+    assert sorted((d["arch"], d["lr"]) for d in drawn) == [("32x2", 1e-3), ("32x2", 3e-3),
+                                                          ("32x4", 1e-3), ("32x4", 3e-3)]
+    for i, d in enumerate(drawn):
+        searcher.on_trial_complete(f"t{i}", {"val_loss": 1.0 + i, **d})
+    # A spent space repeats itself rather than failing or looping.
+    fifth = searcher.suggest("t4")
+    assert (fifth["arch"], fifth["lr"]) in {(d["arch"], d["lr"]) for d in drawn}
+
+
+def test_asha_waits_for_min_peers_at_a_rung_before_it_stops_anyone():
+    from ray.tune.schedulers import TrialScheduler
+
+    def cut(min_peers: int) -> list[str]:
+        asha = build_scheduler(SweepConfig(grace_period=1, reduction_factor=2, rung_min_peers=min_peers),
+                               max_epochs=4)
+        asha.set_search_properties("val_loss", "min")
+        trials = [Trial(f"t{i}") for i in range(4)]
+        for trial in trials:
+            asha.on_trial_add(None, trial)
+        # Each reaches the first rung worse than every trial before it.
+        return [asha.on_trial_result(None, t, {"epochs_done": 1, "val_loss": 1.0 + i})
+                for i, t in enumerate(trials)]
+
+    C, S = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert cut(0) == [C, S, S, S]          # Ray's rule: one trial ahead is enough
+    assert cut(2) == [C, C, S, S]          # the second survives; the third has 2 peers ahead
+    assert cut(3) == [C, C, C, S]
+    # At the last epoch a trial stops whatever its peers: it has run its course.
+    asha = build_scheduler(SweepConfig(rung_min_peers=5), max_epochs=1)
+    asha.set_search_properties("val_loss", "min")
+    asha.on_trial_add(None, Trial("only"))
+    assert asha.on_trial_result(None, Trial("only"), {"epochs_done": 1, "val_loss": 1.0}) == S
