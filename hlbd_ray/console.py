@@ -261,3 +261,27 @@ def quiet_expected_events() -> None:
     configures their parent `ray.train`) leaves in place."""
     for name in EXPECTED_EVENT_LOGGERS:
         logging.getLogger(name).addFilter(ExpectedEventFilter())
+    sys.unraisablehook = quiet_termination_in_callbacks(sys.unraisablehook)
+
+
+def quiet_termination_in_callbacks(default: Any) -> Any:
+    """An unraisable-exception hook that drops Ray's SIGTERM exit raised inside a callback.
+
+    When Ray terminates a finished trial's actor, its SIGTERM handler raises SystemExit
+    in whatever runs at that moment. If that is a garbage-collector callback (a weakref's
+    `_remove`), Python cannot raise it and prints "Exception ignored in ..." with a
+    Traceback, which Ray forwards to the sweep's console (seen once in the end-to-end smoke
+    sweep, a confirmation trial's actor at its end). The exit was already lost to Python
+    by then; only the print goes. Everything else reaches `default`."""
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, SystemExit) and _raised_by_sigterm_handler(unraisable.exc_traceback)):
+            default(unraisable)
+    return hook
+
+
+def _raised_by_sigterm_handler(tb: Any) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "sigterm_handler":   # ray/_private/worker.py
+            return True
+        tb = tb.tb_next
+    return False

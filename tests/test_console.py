@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,3 +164,34 @@ def test_driver_usage_counts_this_process_in_mib_and_the_time_since_start():
     assert 65.0 <= usage["wall_s"] < 75.0
     assert usage_line(usage).startswith("driver: 1 min 05 s since the job started, peak RSS ")
     del ballast
+
+
+def test_rays_sigterm_exit_inside_a_gc_callback_is_not_printed_but_anything_else_is():
+    import weakref
+
+    from hlbd_ray.console import quiet_termination_in_callbacks
+
+    def sigterm_handler() -> None:   # named as Ray's handler (ray/_private/worker.py)
+        raise SystemExit(1)
+
+    def other_exit() -> None:
+        raise SystemExit(2)
+
+    def real_error() -> None:
+        raise ValueError("a real error in a callback")
+
+    class Thing:
+        pass
+
+    seen: list = []
+    saved, sys.unraisablehook = sys.unraisablehook, quiet_termination_in_callbacks(seen.append)
+    try:
+        for raiser in (sigterm_handler, real_error, other_exit):
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _, raiser=raiser: raiser())
+            del thing   # the callback runs now; Python hands its exception to the hook
+            assert ref() is None
+    finally:
+        sys.unraisablehook = saved
+    assert [type(u.exc_value) for u in seen] == [ValueError, SystemExit]
+    assert seen[1].exc_value.code == 2
