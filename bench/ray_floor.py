@@ -60,7 +60,7 @@ def tune_body(config: dict[str, Any]) -> None:
     tune.report({"t_body": time.time()})
 
 
-def train_trial(config: dict[str, Any], variant: str, storage: str) -> None:
+def train_trial(config: dict[str, Any], variant: str, storage: str, worker_cpu: float) -> None:
     """A Tune trial that drives one Ray Train run of `report_body_start`."""
     from ray import tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -74,12 +74,13 @@ def train_trial(config: dict[str, Any], variant: str, storage: str) -> None:
     relay = TuneReportCallback()
     callbacks: list[Any] = [relay]   # a Train callback (mypy sees Train V1's RunConfig)
     cls = TorchTrainer if switches is None else trainer_class(*switches)
-    trainer = cls(report_body_start, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.99}),
+    trainer = cls(report_body_start,
+                  scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": worker_cpu}),
                   run_config=RunConfig(name=tune.get_context().get_trial_id(), storage_path=storage,
                                        failure_config=FailureConfig(max_failures=0), callbacks=callbacks))
     trainer.fit()
-    # Without this wait stock Ray 2.60 deadlocks here now and then (a trial of this bench
-    # did: Tune's thread stuck in Queue.put); see hlbd_ray.trial.relay_drained.
+    # Without this wait Ray 2.60 can deadlock here (a trial of this bench's lean_in_process
+    # variant did: Tune's thread stuck in Queue.put); see hlbd_ray.trial.relay_drained.
     relay_drained(relay._training_actor_item_queue)
 
 
@@ -92,6 +93,7 @@ def run_variant(variant: str, trials: int, out: Path) -> dict[str, Any]:
     from hlbd_ray.cluster import ray_env_vars
     from hlbd_ray.config import ClusterConfig
     from hlbd_ray.console import TUNE_CONSOLE_ENV
+    from hlbd_ray.sweep import DRIVER_CPU
 
     env = {**ray_env_vars(ClusterConfig()), **TUNE_CONSOLE_ENV}
     os.environ.update(env)
@@ -115,8 +117,8 @@ def run_variant(variant: str, trials: int, out: Path) -> dict[str, Any]:
         on_trial_error = on_trial_complete
 
     body = tune_body if variant == "tune_function" else tune.with_parameters(
-        train_trial, variant=variant, storage=str(out / "train"))
-    tuner = tune.Tuner(tune.with_resources(body, {"cpu": 0.01}),
+        train_trial, variant=variant, storage=str(out / "train"), worker_cpu=1 - DRIVER_CPU)   # a sweep's split
+    tuner = tune.Tuner(tune.with_resources(body, {"cpu": DRIVER_CPU}),
                        tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=2),
                        run_config=tune.RunConfig(name=variant, storage_path=str(out), verbose=0, callbacks=[Stamps()]))
     cpu.start()
@@ -126,11 +128,11 @@ def run_variant(variant: str, trials: int, out: Path) -> dict[str, Any]:
     cpu.stop()
     ray.shutdown()
     started = [key for key in cpu.last if key not in cpu.first]
+    by_kind = cpu.by_kind()
     return {"variant": variant, "trials": trials, "errors": results.num_errors, "wall_s": wall,
             "launch_s": [bodies[t] - starts[t] for t in starts if t in bodies],
             "life_s": [ends[t] - starts[t] for t in starts if t in ends],
-            "cpu_s_per_trial": sum(cpu.by_kind().values()) / trials,
-            "cpu_by_kind": cpu.by_kind(),
+            "cpu_s_per_trial": sum(by_kind.values()) / trials, "cpu_by_kind": by_kind,
             "processes_per_trial": len(started) / trials}
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import Repeater
@@ -122,6 +123,19 @@ class SeedRepeater(Repeater):
         super().on_trial_complete(trial_id, result, error=error, **kwargs)
 
 
+class PeerBracket(_Bracket):
+    """Ray's ASHA bracket, where a rung sets no cutoff, and so stops no one, until at
+    least `min_peers` trials have reached it (Ray's own rule is one: `cutoff` is None
+    only for an empty rung). Every result is recorded as before."""
+
+    def __init__(self, *args: Any, min_peers: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_peers = min_peers
+
+    def cutoff(self, recorded: dict) -> Any:
+        return None if len(recorded) < self.min_peers else super().cutoff(recorded)
+
+
 class EpochASHA(AsyncHyperBandScheduler):
     """ASHA with two changes:
 
@@ -131,35 +145,21 @@ class EpochASHA(AsyncHyperBandScheduler):
       reached it before. Ray's ASHA cuts the second trial at a rung when it is worse than
       the first, so with 2 trials at once one of the first pair is stopped on a single
       comparison, within the seed noise (seen in bench/regret.py: the best config cut
-      after epoch 1 by the one trial ahead of it). Here a trial is stopped only when at
-      least `min_peers` trials reached the rung before it; its result is still recorded.
+      after epoch 1 by the one trial ahead of it). Its one bracket is a PeerBracket: a
+      trial is stopped only when at least `min_peers` trials reached the rung before it.
     """
 
-    def __init__(self, *args: Any, min_peers: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._min_peers = min_peers
+    def __init__(self, time_attr: str, max_t: int, grace_period: int, reduction_factor: int,
+                 min_peers: int = 0) -> None:
+        super().__init__(time_attr=time_attr, max_t=max_t, grace_period=grace_period,
+                         reduction_factor=reduction_factor)
+        # The bracket Ray builds (brackets=1: s=0), with the peer rule.
+        self._brackets = [PeerBracket(grace_period, max_t, reduction_factor, 0, min_peers=min_peers)]
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if result.get(self._metric) is None:
             return TrialScheduler.CONTINUE
-        peers = self._peers_at_next_rung(trial, result)
-        action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and peers is not None and peers < self._min_peers:
-            return TrialScheduler.CONTINUE
-        return action
-
-    def _peers_at_next_rung(self, trial: Any, result: dict) -> int | None:
-        """How many trials the rung this result reaches has recorded (None: it reaches no
-        new rung). Mirrors the rung walk of Ray's `_Bracket.on_result` (ray/tune/schedulers/
-        async_hyperband.py): rungs from the highest milestone down."""
-        bracket = self._trial_info.get(trial.trial_id)
-        done = result.get(self._time_attr)
-        if bracket is None or done is None or done >= self._max_t:
-            return None   # at max_t the trial has run its course: ASHA's stop stands
-        for milestone, recorded in bracket._rungs:
-            if done >= milestone and trial.trial_id not in recorded:
-                return len(recorded)
-        return None
+        return super().on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         if result.get(self._metric) is None:
