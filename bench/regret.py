@@ -47,18 +47,38 @@ from bench_output import print_json, print_load
 REPO = Path(__file__).resolve().parent.parent
 
 # conf/sweep.yaml's model and data (2,000 pairs): the budget a default sweep's trials get.
-FULL: dict[str, Any] = {"base": [], "widths": [128, 192], "heads": [2, 4, 8],
+FULL: dict[str, Any] = {"config": "conf/sweep.yaml", "base": [], "widths": [128, 192], "heads": [2, 4, 8],
                         "lrs": [3e-4, 1e-3, 3e-3], "top_k": 2, "seeds": 2}
-SMOKE: dict[str, Any] = {"base": ["--config", "conf/smoke.yaml", "data.generated_per_module=20", "train.epochs=1"],
+SMOKE: dict[str, Any] = {"config": "conf/smoke.yaml", "base": ["data.generated_per_module=20", "train.epochs=1"],
                          "widths": [32], "heads": [2, 4], "lrs": [3e-3], "top_k": 2, "seeds": 1}
+# Both sweeps run 2 trials at once on 2 CPUs (bench/regret_replay.py replays that).
+CONCURRENT = 2
+TRUTH = ["sweep.search=grid", "sweep.num_samples=null", "sweep.repeats=2", "sweep.scheduler=fifo",
+         "sweep.confirm.top_k=0"]
+
+
+def configs_in(mode: dict[str, Any]) -> int:
+    return len(mode["widths"]) * len(mode["heads"]) * len(mode["lrs"])   # all divide here
+
+
+def space_overrides(mode: dict[str, Any]) -> list[str]:
+    return [*mode["base"], f"sweep.space.d_model=[{','.join(map(str, mode['widths']))}]",
+            f"sweep.space.num_heads=[{','.join(map(str, mode['heads']))}]",
+            f"sweep.space.lr_values=[{','.join(map(str, mode['lrs']))}]"]
+
+
+def search_overrides(mode: dict[str, Any], seed: int, extra: list[str]) -> list[str]:
+    """The default search with half as many trials as the space has configs, then its
+    confirmation; `extra` (--set) last."""
+    return ["sweep.search=optuna", "sweep.scheduler=asha", f"sweep.num_samples={max(1, configs_in(mode) // 2)}",
+            f"sweep.confirm.top_k={mode['top_k']}", f"sweep.confirm.seeds={mode['seeds']}",
+            f"sweep.seed={seed}", *extra]
 
 
 def sweep(out: Path, name: str, mode: dict[str, Any], *overrides: str) -> tuple[list[dict], dict]:
-    space = [f"sweep.space.d_model=[{','.join(map(str, mode['widths']))}]",
-             f"sweep.space.num_heads=[{','.join(map(str, mode['heads']))}]",
-             f"sweep.space.lr_values=[{','.join(map(str, mode['lrs']))}]"]
-    args = [sys.executable, str(REPO / "jobs" / "sweep.py"), *mode["base"], f"output_dir={out}",
-            f"sweep.name={name}", "cluster.num_cpus=2", "sweep.max_concurrent_trials=2", *space, *overrides]
+    args = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", mode["config"], *space_overrides(mode),
+            f"output_dir={out}", f"sweep.name={name}", "cluster.num_cpus=2",
+            f"sweep.max_concurrent_trials={CONCURRENT}", *overrides]
     start = time.monotonic()
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
@@ -104,16 +124,13 @@ def main() -> None:
                         help="a config override for the search (not the ground truth); repeatable")
     args = parser.parse_args()
     mode = SMOKE if args.smoke else FULL
-    configs = len(mode["widths"]) * len(mode["heads"]) * len(mode["lrs"])   # all divide here
+    configs = configs_in(mode)
     load_start = print_load("start")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        grid, _ = sweep(out, "truth", mode, "sweep.search=grid", "sweep.num_samples=null",
-                        "sweep.repeats=2", "sweep.scheduler=fifo", "sweep.confirm.top_k=0")
-        searches = [sweep(out, "search" if seed == 0 else f"search-seed{seed}", mode, "sweep.search=optuna",
-                          "sweep.scheduler=asha", f"sweep.num_samples={max(1, configs // 2)}",
-                          f"sweep.confirm.top_k={mode['top_k']}", f"sweep.confirm.seeds={mode['seeds']}",
-                          f"sweep.seed={seed}", *args.set)
+        grid, _ = sweep(out, "truth", mode, *TRUTH)
+        searches = [sweep(out, "search" if seed == 0 else f"search-seed{seed}", mode,
+                          *search_overrides(mode, seed, args.set))
                     for seed in range(args.search_seeds)]
     truth, noise, grid_cpu = ground_truth(grid)
     best_key = min(truth, key=truth.__getitem__)

@@ -196,6 +196,10 @@ class SweepConfig:
     # ASHA stops a trial at a rung only when at least this many trials reached the rung
     # before it (0: Ray's rule, where one earlier trial is enough); see search.EpochASHA.
     rung_min_peers: int = 0
+    # Optuna search: random draws before TPE models the results (Optuna's
+    # n_startup_trials, default 10), so a sweep of 10 trials or fewer is a random search.
+    # Modelling earlier did not pay on bench/regret.py's space (BENCHMARKS.md section 9).
+    startup_trials: int = 10
     # Wall-clock budget for the whole sweep in seconds (0: none).
     time_budget_s: float = 0.0
     # Retries of an errored trial by Tune (after Train's own retries are spent).
@@ -403,6 +407,7 @@ def check_sweep(s: SweepConfig) -> None:
     _require(s.confirm.top_k >= 0 and s.confirm.seeds >= 1,
              f"sweep.confirm.top_k must be >= 0 (0: off) and sweep.confirm.seeds >= 1, got "
              f"{s.confirm.top_k} and {s.confirm.seeds}")
+    _require(s.startup_trials >= 1, f"sweep.startup_trials must be >= 1, got {s.startup_trials}")
     _require(s.grace_period >= 1 and s.reduction_factor >= 2 and s.rung_min_peers >= 0,
              "sweep.grace_period must be >= 1, sweep.reduction_factor >= 2 and sweep.rung_min_peers >= 0")
     _require(bool(s.name) and "/" not in s.name and not s.name.startswith("."),

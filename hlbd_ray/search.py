@@ -8,7 +8,9 @@ searcher and scheduler Tune offers, so every launched config is valid by constru
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from typing import Any
 
 from ray import tune
@@ -79,16 +81,21 @@ class EpochOptunaSearch(OptunaSearch):
     - Intermediate values must be numbers; before the first validation (or after a
       non-finite one) the metric is missing and is not reported.
     - No config twice. On a finite space (lr_values) Optuna draws a config it already
-      launched surprisingly often (2 of 9 draws on the 18-config space of
-      bench/regret.py), and with the same train.seed that trial is the same run again:
-      a wasted slot. Such a draw is told to Optuna as failed (TPE learns only from
-      complete and pruned trials, so it neither counts nor skews anything) and drawn
-      again, up to MAX_REDRAWS times. Copies of a config on purpose are sweep.repeats.
+      launched surprisingly often: its random start-up drew 2 repeats in 9 draws on the
+      18-config space of bench/regret.py, and once modelling, TPE proposes its incumbent
+      again and again. With the same train.seed that trial is the same run again: a
+      wasted slot. Such a draw is told to Optuna as failed (TPE learns only from complete
+      and pruned trials, so it neither counts nor skews anything) and replaced: on a
+      finite space by a config not launched yet, drawn at random (seeded) and enqueued, so
+      Optuna records and learns from it; otherwise by drawing again, up to MAX_REDRAWS
+      times. Copies of a config on purpose are sweep.repeats.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fallback_seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._launched: set[tuple] = set()  # saved and restored with the searcher (its __dict__)
+        # Both saved and restored with the searcher (its __dict__).
+        self._launched: set[tuple] = set()
+        self._fallback = random.Random(fallback_seed)
 
     def suggest(self, trial_id: str) -> dict | None:
         from optuna.trial import TrialState
@@ -99,10 +106,24 @@ class EpochOptunaSearch(OptunaSearch):
             if _config_key(params) not in self._launched:
                 break
             study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
+            fresh = self._unlaunched()
+            if fresh:
+                study.enqueue_trial(self._fallback.choice(fresh))   # the next ask takes it
         else:
             params = super().suggest(trial_id)   # the space is spent: a repeat it is
         self._launched.add(_config_key(params))
         return params
+
+    def _unlaunched(self) -> list[dict]:
+        """Every config of a finite space (all categorical) not launched yet; [] otherwise."""
+        from optuna.distributions import CategoricalDistribution
+
+        space: Any = self._space
+        if callable(space) or not all(isinstance(d, CategoricalDistribution) for d in space.values()):
+            return []
+        names = sorted(space)
+        configs = (dict(zip(names, values)) for values in itertools.product(*(space[n].choices for n in names)))
+        return [c for c in configs if _config_key(c) not in self._launched]
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get(self.metric) is not None:
@@ -177,14 +198,16 @@ def build_searcher(sweep: SweepConfig, max_concurrent: int) -> Any:
     """
     if sweep.search == "optuna":
         # metric and mode come from TuneConfig (Tune refuses them in two places).
+        from optuna.samplers import TPESampler
         quiet_optuna()
-        searcher = EpochOptunaSearch(seed=sweep.seed)
+        searcher = EpochOptunaSearch(sampler=TPESampler(seed=sweep.seed, n_startup_trials=sweep.startup_trials),
+                                     fallback_seed=sweep.seed)
     elif sweep.search == "random" and sweep.repeats > 1:
         # The basic generator cannot hand out one config several times; Optuna's random
         # sampler draws the same distribution, and Repeater copies each draw.
         from optuna.samplers import RandomSampler
         quiet_optuna()
-        searcher = EpochOptunaSearch(sampler=RandomSampler(seed=sweep.seed))
+        searcher = EpochOptunaSearch(sampler=RandomSampler(seed=sweep.seed), fallback_seed=sweep.seed)
     else:
         return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent)
     return SeedRepeater(searcher, repeat=sweep.repeats) if sweep.repeats > 1 else searcher

@@ -183,6 +183,35 @@ def test_regret_counts_in_seed_noise_against_the_one_seed_grid() -> None:
     assert regret.regret_of({"arch": "64x4", "lr": 1e-3}, truth, noise) == pytest.approx(0.4 / math.sqrt(0.02))
 
 
+def test_the_replay_runs_the_sweeps_searcher_and_scheduler_over_recorded_epochs() -> None:
+    from hlbd_ray.config import SpaceConfig, load_config
+
+    replay = load_bench("regret_replay")
+    space = SpaceConfig(d_model=[64], num_heads=[2, 4], lr_values=[1e-3, 3e-3])
+    # (val_loss, time_total_s) at epochs 1-2; 64x4 lr 3e-3 is best at the end, worst after epoch 1.
+    curves = {("64x2", 1e-3): [(2.0, 10), (1.5, 15)], ("64x4", 1e-3): [(2.1, 10), (1.6, 15)],
+              ("64x2", 3e-3): [(2.2, 10), (1.4, 15)], ("64x4", 3e-3): [(2.3, 10), (1.2, 15)]}
+
+    def run(*overrides: str):
+        cfg = load_config(ROOT / "conf" / "smoke.yaml", ["train.epochs=2", "sweep.search=optuna", "sweep.num_samples=4",
+                                                         *overrides])
+        cfg.sweep.space = space
+        return replay.replay(curves, cfg)
+
+    # FIFO: all four configs, once each, run both epochs; the best final trial wins.
+    fifo = run("sweep.scheduler=fifo")
+    assert sorted(fifo) == sorted((key, 2) for key in curves)
+    assert replay.outcome(curves, fifo) == (("64x4", 3e-3), 60)
+    # ASHA (Ray's rule): the first trial at the rung continues, someone worse than the rung's
+    # median is cut after epoch 1 and costs that epoch alone; the pick is the best finisher.
+    asha = run("sweep.scheduler=asha", "sweep.grace_period=1", "sweep.reduction_factor=2")
+    assert len({key for key, _ in asha}) == 4 and asha[0][1] == 2 and any(epochs == 1 for _, epochs in asha)
+    finishers = [key for key, epochs in asha if epochs == 2]
+    pick, slot_time = replay.outcome(curves, asha)
+    assert pick == min(finishers, key=lambda key: curves[key][1][0])
+    assert slot_time == sum(curves[key][epochs - 1][1] for key, epochs in asha) < 60
+
+
 def load_bench(name: str):
     """A bench script as a module (bench/ on sys.path while it loads, as when run)."""
     import importlib.util

@@ -117,6 +117,7 @@ def test_overrides_win_over_the_file_and_defaults_fill_the_rest():
     (["sweep.confirm.seeds=0"], "sweep.confirm.seeds >= 1"),
     (["train.checkpoints_to_keep=0"], "train.checkpoints_to_keep must be > 0"),
     (["sweep.reduction_factor=1"], "reduction_factor"),
+    (["sweep.startup_trials=0"], "sweep.startup_trials must be >= 1, got 0"),
     (["sweep.name=../escape"], "plain folder name"),
 ])
 def test_bad_values_are_one_line_user_errors(overrides, message):
