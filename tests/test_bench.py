@@ -152,8 +152,9 @@ def test_load_smoke() -> None:
 
 @pytest.mark.slow
 @pytest.mark.extended
-def test_regret_smoke() -> None:
-    result = run_smoke("regret.py", "--search-seeds", "2", "--set", "sweep.rung_min_peers=1", timeout=300)
+def test_regret_smoke(tmp_path) -> None:
+    result = run_smoke("regret.py", "--search-seeds", "2", "--set", "sweep.rung_min_peers=1", "--out", str(tmp_path),
+                       timeout=300)
     check(result, {"seed_noise", "search_regret", "confirmed_regret"},
           {"grid_cpu_s", "search_cpu_ratio", "confirmed_cpu_ratio"})
     assert result["overrides"] == ["sweep.rung_min_peers=1"]
@@ -165,6 +166,10 @@ def test_regret_smoke() -> None:
         assert len(result[f"{key}_regret_by_seed"]) == 2 == len(result[f"{key}_cpu_ratio_by_seed"])
         assert result[f"{key}_regret_by_seed"][0] == result[f"{key}_regret"]
         assert result[f"{key}_within_noise"] == sum(r < 1 for r in result[f"{key}_regret_by_seed"])
+    # The replay of the same searches from the ground truth's epochs picks what they picked.
+    replayed = run_smoke("regret_replay.py", str(tmp_path), "--seeds", "2", "--set", "sweep.rung_min_peers=1")
+    assert replayed["regret_by_seed"] == result["search_regret_by_seed"]
+    assert replayed["seed_noise"] == result["seed_noise"] and all(r > 0 for r in replayed["cpu_ratio_by_seed"])
 
 
 def test_regret_counts_in_seed_noise_against_the_one_seed_grid() -> None:
