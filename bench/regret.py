@@ -105,8 +105,12 @@ def ground_truth(trials: list[dict]) -> tuple[dict[tuple[str, float], float], fl
     truth = {key: statistics.fmean(v) for key, v in finals.items()}
     variances = [statistics.variance(v) for v in finals.values() if len(v) > 1]
     noise = math.sqrt(statistics.fmean(variances)) if variances else float("nan")
-    first_copy = [t for t in trials if json.loads(t["config_json"]).get("__trial_index__", 0) == 0]
-    return truth, noise, sum(t["last_time_total_s"] or 0.0 for t in first_copy)
+    return truth, noise, sum(t["last_time_total_s"] or 0.0 for t in trials if is_first_copy(t))
+
+
+def is_first_copy(trial: dict[str, Any]) -> bool:
+    """The ground truth's copy 0 of a config: the run a search trial of it repeats."""
+    return json.loads(trial["config_json"]).get("__trial_index__", 0) == 0
 
 
 def regret_of(pick: dict[str, Any], truth: dict, noise: float) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import json
 import os
 import statistics
 from collections import defaultdict
@@ -32,7 +31,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from bench_output import print_json, print_load
-from regret import CONCURRENT, FULL, REPO, SMOKE, arch, ground_truth, regret_of, search_overrides, space_overrides
+from regret import CONCURRENT, FULL, REPO, SMOKE, arch, ground_truth, is_first_copy, regret_of, search_overrides, space_overrides
 
 # (arch, lr) -> [(val_loss, time_total_s) at the end of each epoch] of the first copy.
 Curves = dict[tuple[str, float], list[tuple[float, float]]]
@@ -48,15 +47,14 @@ class ReplayedTrial:
         return self.trial_id
 
 
-def first_copy_curves(truth: Path) -> Curves:
+def first_copy_curves(truth: Path, trials: list[dict]) -> Curves:
     epochs: dict[str, list[dict]] = defaultdict(list)
     for row in pq.read_table(truth / "report" / "epochs.parquet").to_pylist():
         epochs[row["trial_id"]].append(row)
     curves = {}
-    for t in pq.read_table(truth / "report" / "trials.parquet").to_pylist():
-        if json.loads(t["config_json"]).get("__trial_index__", 0) == 0:
-            rows = sorted(epochs[t["trial_id"]], key=lambda r: r["epoch"])
-            curves[(arch(t), round(t["lr"], 12))] = [(r["val_loss"], r["time_total_s"]) for r in rows]
+    for t in filter(is_first_copy, trials):
+        rows = sorted(epochs[t["trial_id"]], key=lambda r: r["epoch"])
+        curves[(arch(t), round(t["lr"], 12))] = [(r["val_loss"], r["time_total_s"]) for r in rows]
     return curves
 
 
@@ -71,7 +69,7 @@ def replay(curves: Curves, cfg: Any) -> list[tuple[tuple[str, float], int]]:
     searcher.set_search_properties(sweep.metric, sweep.mode.value, param_space(sweep))
     scheduler = build_scheduler(sweep, epochs)
     scheduler.set_search_properties(sweep.metric, sweep.mode.value)
-    events: list[tuple] = []      # (time, order, trial index, config, epoch, start)
+    events: list[tuple] = []      # (time, order, trial index, epoch, start)
     order = itertools.count()
     runs: list[tuple[tuple[str, float], int]] = []
     trials: list[ReplayedTrial] = []
@@ -82,17 +80,18 @@ def replay(curves: Curves, cfg: Any) -> list[tuple[tuple[str, float], int]]:
         key = (params["arch"], round(params["lr"], 12))
         runs.append((key, 0))
         scheduler.on_trial_add(None, trials[-1])
-        heapq.heappush(events, (now + curves[key][0][1], next(order), len(runs) - 1, key, 1, now))
+        heapq.heappush(events, (now + curves[key][0][1], next(order), len(runs) - 1, 1, now))
 
     for _ in range(min(CONCURRENT, sweep.num_samples)):
         launch(0.0)
     while events:
-        now, _, index, key, epoch, start = heapq.heappop(events)
-        trial, runs[index] = trials[index], (key, epoch)
+        now, _, index, epoch, start = heapq.heappop(events)
+        trial, key = trials[index], runs[index][0]
+        runs[index] = (key, epoch)
         result = {sweep.metric: curves[key][epoch - 1][0], "epochs_done": epoch, "training_iteration": epoch}
         searcher.on_trial_result(trial.trial_id, result)
         if epoch < epochs and scheduler.on_trial_result(None, trial, result) == TrialScheduler.CONTINUE:
-            heapq.heappush(events, (start + curves[key][epoch][1], next(order), index, key, epoch + 1, start))
+            heapq.heappush(events, (start + curves[key][epoch][1], next(order), index, epoch + 1, start))
             continue
         searcher.on_trial_complete(trial.trial_id, result)
         scheduler.on_trial_complete(None, trial, result)
@@ -121,8 +120,9 @@ def main() -> None:
 
     mode = SMOKE if args.smoke else FULL
     truth_dir = Path(args.out) / "truth"
-    truth, noise, grid_cpu = ground_truth(pq.read_table(truth_dir / "report" / "trials.parquet").to_pylist())
-    curves = first_copy_curves(truth_dir)
+    trials = pq.read_table(truth_dir / "report" / "trials.parquet").to_pylist()
+    truth, noise, grid_cpu = ground_truth(trials)
+    curves = first_copy_curves(truth_dir, trials)
     load_start = print_load("start")
     regrets, ratios = [], []
     for seed in range(args.seeds):
