@@ -7,7 +7,7 @@ a subprocess of its own, so each pays its own start-up and imports, as a user wo
   the real job, on the fresh local Ray cluster it starts itself. The confirmation stage is
   off so that both sides run exactly the search's trials.
 - peer (the yardstick; it lives here only): one Optuna study in one process,
-  `TPESampler(seed=sweep.seed)` and `SuccessiveHalvingPruner(min_resource=grace_period,
+  `TPESampler(seed=sweep.seed, n_startup_trials=sweep.startup_trials)` and `SuccessiveHalvingPruner(min_resource=grace_period,
   reduction_factor=...)` with the epoch as the step, over the same categorical of valid
   "DxH" pairs and the same lr distribution as `hlbd_ray.search.param_space`
   (tests/test_bench.py checks the two agree), one trial at a time with all cores
@@ -18,8 +18,10 @@ a subprocess of its own, so each pays its own start-up and imports, as a user wo
   val_loss to the Optuna trial; the trial stops when the pruner says so (never at the
   last epoch, as ASHA's rungs stop below max_t).
 
-With fewer trials than TPE's 10 random start-up trials both samplers draw the same
-configs in the same order (checked and printed); what differs is how they run them.
+For their first `sweep.startup_trials` trials (random draws; Optuna's default is 10) both
+samplers draw the same configs in the same order (checked and printed); after that, each
+TPE models its own results, so the configs can part (`conf/sweep.yaml` starts TPE at the
+4th trial).
 
 Measured, per side:
 - wall: from starting the subprocess until it exits (interpreter, imports, Ray's start).
@@ -134,7 +136,7 @@ def run_peer(out: Path, job_argv: list[str]) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         direction="minimize" if str(s.mode) == "min" else "maximize",
-        sampler=optuna.samplers.TPESampler(seed=s.seed),
+        sampler=optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials),
         pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=s.grace_period, reduction_factor=s.reduction_factor))
 
     class PrunedSession(LocalSession):

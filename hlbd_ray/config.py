@@ -198,7 +198,8 @@ class SweepConfig:
     rung_min_peers: int = 0
     # Optuna search: random draws before TPE models the results (Optuna's
     # n_startup_trials, default 10), so a sweep of 10 trials or fewer is a random search.
-    # Modelling earlier did not pay on bench/regret.py's space (BENCHMARKS.md section 9).
+    # conf/sweep.yaml models from the 4th: on bench/regret.py's space that finds a config
+    # within the seed noise far more often than random draws (BENCHMARKS.md section 9).
     startup_trials: int = 10
     # Wall-clock budget for the whole sweep in seconds (0: none).
     time_budget_s: float = 0.0

@@ -269,3 +269,31 @@ def test_tpe_proposing_its_incumbent_again_gets_a_config_not_launched_yet():
     assert len({(d["arch"], d["lr"]) for d in drawn}) == 6
     # What the fallback draws, Optuna records as a complete trial TPE learns from.
     assert len(searcher._ot_study.get_trials(states=(TrialState.COMPLETE,))) == 6
+
+
+def test_a_repeat_is_replaced_by_an_unlaunched_config_nearest_to_it():
+    """TPE proposed the repeat because its model rates it best: the replacement changes as
+    few parameters of it as any config not launched yet does."""
+    space = SpaceConfig(d_model=[32], num_heads=[2, 4, 8], lr_values=[3e-4, 1e-3, 3e-3])
+    sweep = SweepConfig(search="optuna", seed=1, num_samples=9, startup_trials=1, space=space)
+    searcher = build_searcher(sweep, 1)
+    searcher.set_search_properties("val_loss", "min", param_space(sweep))
+    for i in range(9):
+        searcher.suggest(f"t{i}")
+        # The first config is best by far: TPE keeps proposing it.
+        searcher.on_trial_complete(f"t{i}", {"val_loss": 1.0 if i == 0 else 2.0})
+    every = [(a, lr) for a in ("32x2", "32x4", "32x8") for lr in (3e-4, 1e-3, 3e-3)]
+    trials = searcher._ot_study.get_trials()
+    launched = [(t.params["arch"], t.params["lr"]) for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(launched) == sorted(every)
+
+    def changed(a: tuple, b: tuple) -> int:
+        return (a[0] != b[0]) + (a[1] != b[1])
+
+    repeats = [(t, trials[t.number + 1]) for t in trials if t.state == TrialState.FAIL]
+    assert len(repeats) >= 4
+    for repeat, replacement in repeats:
+        proposed = (repeat.params["arch"], repeat.params["lr"])
+        before = {(t.params["arch"], t.params["lr"]) for t in trials[:repeat.number] if t.state == TrialState.COMPLETE}
+        nearest = min(changed(proposed, c) for c in every if c not in before)
+        assert changed(proposed, (replacement.params["arch"], replacement.params["lr"])) == nearest
