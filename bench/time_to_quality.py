@@ -519,8 +519,8 @@ def markdown(ours: dict[str, Any], peer: dict[str, Any], c: dict[str, Any], scal
         f"{' '.join(map(str, peer['epochs_per_trial']))} |",
         f"| launch: trial start to first step, median (s) | {f(ours['launch_s_median'], '.1f')} | "
         f"{f(peer['launch_s_median'], '.1f')} |", "",
-        f"Configs: the same {ours['trials']} on both sides ({c['same_configs']}). Ours, the process tree's CPU by "
-        f"role (seconds, processes): {roles_line(ours['cpu_by_role'])}.", "",
+        f"Configs tried by both sides: {len(set(ours['configs']) & set(peer['configs']))} of {ours['trials']}. "
+        f"Ours, the process tree's CPU by role (seconds, processes): {roles_line(ours['cpu_by_role'])}.", "",
         f"Against the issue's targets: `ttq_ratio` {c['ttq_ratio']:.2f} (target >= 1.2), `wall_ratio` "
         f"{c['wall_ratio']:.2f} (>= 1.0), `overhead_cpu_s_per_trial` {ours['overhead_cpu_s_per_trial']:.1f} "
         f"(<= 5). At the worse of the two final bests ({c['common_val_loss']:.4f}) the time ratio is "
