@@ -7,8 +7,9 @@ a subprocess of its own, so each pays its own start-up and imports, as a user wo
   the real job, on the fresh local Ray cluster it starts itself. The confirmation stage is
   off so that both sides run exactly the search's trials.
 - peer (the yardstick; it lives here only): one Optuna study in one process,
-  `TPESampler(seed=sweep.seed, n_startup_trials=sweep.startup_trials)` and `SuccessiveHalvingPruner(min_resource=grace_period,
-  reduction_factor=...)` with the epoch as the step, over the same categorical of valid
+  `TPESampler(seed=sweep.seed, n_startup_trials=sweep.startup_trials)` and
+  `SuccessiveHalvingPruner(min_resource=grace_period, reduction_factor=...)` with the epoch
+  as the step, over the same categorical of valid
   "DxH" pairs and the same lr distribution as `hlbd_ray.search.param_space`
   (tests/test_bench.py checks the two agree), one trial at a time with all cores
   (`train.cpus_per_worker` = the core count, which `TrainRun` hands to
