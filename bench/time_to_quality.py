@@ -9,9 +9,8 @@ a subprocess of its own, so each pays its own start-up and imports, as a user wo
 - peer (the yardstick; it lives here only): one Optuna study in one process,
   `TPESampler(seed=sweep.seed, n_startup_trials=sweep.startup_trials)` and
   `SuccessiveHalvingPruner(min_resource=grace_period, reduction_factor=...)` with the epoch
-  as the step, over the same categorical of valid
-  "DxH" pairs and the same lr distribution as `hlbd_ray.search.param_space`
-  (tests/test_bench.py checks the two agree), one trial at a time with all cores
+  as the step, over the same categorical of valid "DxH" pairs and the same lr distribution
+  as `hlbd_ray.search.param_space` (tests/test_bench.py checks the two agree), one trial at a time with all cores
   (`train.cpus_per_worker` = the core count, which `TrainRun` hands to
   `torch.set_num_threads`). It drives the same `TrainRun` on the same prepared data
   (`hlbd_ray.trainer.preflight`) through an in-process session (`LocalSession`, which also
