@@ -10,9 +10,9 @@ a subprocess of its own, so each pays its own start-up and imports, as a user wo
   `TPESampler(seed=sweep.seed, n_startup_trials=sweep.startup_trials)` and
   `SuccessiveHalvingPruner(min_resource=grace_period, reduction_factor=...)` with the epoch
   as the step, over the same categorical of valid "DxH" pairs and the same lr distribution
-  as `hlbd_ray.search.param_space` (tests/test_bench.py checks the two agree), one trial at a time with all cores
-  (`train.cpus_per_worker` = the core count, which `TrainRun` hands to
-  `torch.set_num_threads`). It drives the same `TrainRun` on the same prepared data
+  as `hlbd_ray.search.param_space` (tests/test_bench.py checks the two agree), one trial
+  at a time with all cores (`train.cpus_per_worker` = the core count, which `TrainRun`
+  hands to `torch.set_num_threads`). It drives the same `TrainRun` on the same prepared data
   (`hlbd_ray.trainer.preflight`) through an in-process session (`LocalSession`, which also
   copies every epoch's checkpoint, as Ray Train persists them), and reports each epoch's
   val_loss to the Optuna trial; the trial stops when the pruner says so (never at the
@@ -362,7 +362,8 @@ def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
             "common_val_loss": common, "ttq_ratio_common": peer_c / ours_c,
             "peer_time_to_common_s": peer_c, "ours_time_to_common_s": ours_c,
             "wall_ratio": peer["wall_s"] / ours["wall_s"],
-            "same_configs": sorted(ours["configs"]) == sorted(peer["configs"])}
+            "same_configs": sorted(ours["configs"]) == sorted(peer["configs"]),
+            "common_configs": len(set(ours["configs"]) & set(peer["configs"]))}
 
 
 def print_report(ours: dict[str, Any], peer: dict[str, Any], c: dict[str, Any]) -> None:
@@ -519,7 +520,7 @@ def markdown(ours: dict[str, Any], peer: dict[str, Any], c: dict[str, Any], scal
         f"{' '.join(map(str, peer['epochs_per_trial']))} |",
         f"| launch: trial start to first step, median (s) | {f(ours['launch_s_median'], '.1f')} | "
         f"{f(peer['launch_s_median'], '.1f')} |", "",
-        f"Configs tried by both sides: {len(set(ours['configs']) & set(peer['configs']))} of {ours['trials']}. "
+        f"Configs tried by both sides: {c['common_configs']} of {ours['trials']}. "
         f"Ours, the process tree's CPU by role (seconds, processes): {roles_line(ours['cpu_by_role'])}.", "",
         f"Against the issue's targets: `ttq_ratio` {c['ttq_ratio']:.2f} (target >= 1.2), `wall_ratio` "
         f"{c['wall_ratio']:.2f} (>= 1.0), `overhead_cpu_s_per_trial` {ours['overhead_cpu_s_per_trial']:.1f} "
