@@ -2,14 +2,16 @@
 
 bench/regret.py runs the search for real, a few minutes per search seed, so it can afford
 4 seeds: too few to tell two settings apart. But a search trial of config c is the same
-run as the ground truth's first copy of c (the same train.seed and data order; their
-val_loss agrees at every epoch to the last digit). So the search can be replayed from the
-ground truth's recorded epochs: the sweep's real searcher and scheduler
-(`search.build_searcher`, `search.build_scheduler`, built from the same config as
-regret.py's search, --set included) are driven by those epochs, with 2 trials at once as
-regret.py runs them. A trial reports epoch e at its start plus the ground truth's
+run as the one-seed grid's trial of c, in the ground truth's "truth" sweep (the same
+train.seed and data order; their val_loss agrees at every epoch to the last digit). So
+the search can be replayed from that sweep's recorded epochs: the sweep's real searcher
+and scheduler (`search.build_searcher`, `search.build_scheduler`, built from the same
+config as regret.py's search, --set included) are driven by those epochs, with 2 trials
+at once as regret.py runs them. A trial reports epoch e at its start plus the grid's
 `time_total_s` at e; its slot time is that at its last epoch. What the replay does not
-have is the search run's own timing noise, which can reorder results at a rung.
+have is the search run's own timing, which can reorder results at a rung: a trial that
+runs beside an idle slot or a lighter trial runs faster than the grid's did
+(BENCHMARKS.md section 9).
 
     python bench/regret.py --out DIR                          # the ground truth, once
     python bench/regret_replay.py DIR --seeds 120             # the default search
@@ -31,7 +33,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from bench_output import print_json, print_load
-from regret import CONCURRENT, FULL, REPO, SMOKE, arch, ground_truth, is_first_copy, regret_of, search_overrides, space_overrides
+from regret import CONCURRENT, FULL, REPO, SMOKE, arch, ground_truth, read_truth, regret_of, search_overrides, space_overrides, truth_name
 
 # (arch, lr) -> [(val_loss, time_total_s) at the end of each epoch] of the first copy.
 Curves = dict[tuple[str, float], list[tuple[float, float]]]
@@ -48,11 +50,12 @@ class ReplayedTrial:
 
 
 def first_copy_curves(truth: Path, trials: list[dict]) -> Curves:
+    """The one-seed grid's epochs (`truth`: its sweep folder, `trials`: its trials)."""
     epochs: dict[str, list[dict]] = defaultdict(list)
     for row in pq.read_table(truth / "report" / "epochs.parquet").to_pylist():
         epochs[row["trial_id"]].append(row)
     curves = {}
-    for t in filter(is_first_copy, trials):
+    for t in trials:
         rows = sorted(epochs[t["trial_id"]], key=lambda r: r["epoch"])
         curves[(arch(t), round(t["lr"], 12))] = [(r["val_loss"], r["time_total_s"]) for r in rows]
     return curves
@@ -109,7 +112,7 @@ def outcome(curves: Curves, runs: list[tuple[tuple[str, float], int]]) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", help="bench/regret.py's --out folder (its truth/ sweep is read)")
+    parser.add_argument("out", help="bench/regret.py's --out folder (its ground truth sweeps are read)")
     parser.add_argument("--smoke", action="store_true", help="the folder is from regret.py --smoke")
     parser.add_argument("--seeds", type=int, default=120, help="replay sweep.seed 0..N-1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -119,10 +122,9 @@ def main() -> None:
     from hlbd_ray.config import load_config
 
     mode = SMOKE if args.smoke else FULL
-    truth_dir = Path(args.out) / "truth"
-    trials = pq.read_table(truth_dir / "report" / "trials.parquet").to_pylist()
-    truth, noise, grid_cpu = ground_truth(trials)
-    curves = first_copy_curves(truth_dir, trials)
+    copies = read_truth(Path(args.out))
+    truth, noise, grid_cpu = ground_truth(copies)
+    curves = first_copy_curves(Path(args.out) / truth_name(0), copies[0])
     load_start = print_load("start")
     regrets, ratios = [], []
     for seed in range(args.seeds):

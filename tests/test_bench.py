@@ -156,7 +156,7 @@ def test_regret_smoke(tmp_path) -> None:
     result = run_smoke("regret.py", "--search-seeds", "2", "--set", "sweep.rung_min_peers=1", "--out", str(tmp_path),
                        timeout=300)
     check(result, {"seed_noise", "search_regret", "confirmed_regret"},
-          {"grid_cpu_s", "search_cpu_ratio", "confirmed_cpu_ratio"})
+          {"grid_cpu_s", "grid_machine_s", "search_cpu_ratio", "confirmed_cpu_ratio"})
     assert result["overrides"] == ["sweep.rung_min_peers=1"]
     assert result["configs"] == 2 and result["search_regret"] >= 0 and result["confirmed_regret"] >= 0
     # The confirmation adds trials: it never costs less than the search it confirms.
@@ -166,6 +166,9 @@ def test_regret_smoke(tmp_path) -> None:
         assert len(result[f"{key}_regret_by_seed"]) == 2 == len(result[f"{key}_cpu_ratio_by_seed"])
         assert result[f"{key}_regret_by_seed"][0] == result[f"{key}_regret"]
         assert result[f"{key}_within_noise"] == sum(r < 1 for r in result[f"{key}_regret_by_seed"])
+        # The whole machine over the search's span holds at least its trials' slot time.
+        for cpu, machine in zip(result[f"{key}_cpu_ratio_by_seed"], result[f"{key}_machine_ratio_by_seed"]):
+            assert machine * result["grid_machine_s"] >= cpu * result["grid_cpu_s"] - 1.0
     # The replay of the same searches from the ground truth's epochs picks what they picked.
     replayed = run_smoke("regret_replay.py", str(tmp_path), "--seeds", "2", "--set", "sweep.rung_min_peers=1")
     assert replayed["regret_by_seed"] == result["search_regret_by_seed"]
@@ -175,17 +178,45 @@ def test_regret_smoke(tmp_path) -> None:
 def test_regret_counts_in_seed_noise_against_the_one_seed_grid() -> None:
     regret = load_bench("regret")
 
-    def trial(heads, lr, copy, loss, seconds):
+    def trial(heads, lr, loss, seconds):
         return {"d_model": 64, "num_heads": heads, "lr": lr, "last_val_loss": loss, "last_time_total_s": seconds,
-                "config_json": json.dumps({"arch": f"64x{heads}", "lr": lr, "__trial_index__": copy})}
+                "config_json": json.dumps({"arch": f"64x{heads}", "lr": lr})}
 
-    grid = [trial(2, 1e-3, 0, 1.0, 10), trial(2, 1e-3, 1, 1.2, 10),     # mean 1.1, var 0.02
-            trial(4, 1e-3, 0, 1.4, 20), trial(4, 1e-3, 1, 1.6, 20)]     # mean 1.5, var 0.02
-    truth, noise, grid_cpu = regret.ground_truth(grid)
+    seed0 = [trial(2, 1e-3, 1.0, 10), trial(4, 1e-3, 1.4, 20)]
+    seed1 = [trial(2, 1e-3, 1.2, 12), trial(4, 1e-3, 1.6, 25)]     # means 1.1 and 1.5, variances 0.02
+    truth, noise, grid_cpu = regret.ground_truth([seed0, seed1])
     assert truth == pytest.approx({("64x2", 1e-3): 1.1, ("64x4", 1e-3): 1.5})
-    assert noise == pytest.approx(math.sqrt(0.02)) and grid_cpu == 30     # first copies only
+    assert noise == pytest.approx(math.sqrt(0.02)) and grid_cpu == 30     # the one-seed grid's trials only
     assert regret.regret_of({"arch": "64x2", "lr": 1e-3}, truth, noise) == 0
     assert regret.regret_of({"arch": "64x4", "lr": 1e-3}, truth, noise) == pytest.approx(0.4 / math.sqrt(0.02))
+
+
+def test_a_ground_truth_that_ran_both_seeds_in_one_sweep_is_refused(tmp_path) -> None:
+    regret = load_bench("regret")
+    copies = [[{"config_json": json.dumps({"arch": "64x2", "lr": 1e-3, "__trial_index__": c})} for c in (0, 1)]]
+    with pytest.raises(SystemExit, match="several copies per config in one sweep"):
+        regret.one_seed_each(tmp_path, copies)
+    with pytest.raises(SystemExit, match="no ground truth sweep truth, truth-seed1"):
+        regret.read_truth(tmp_path)
+
+
+def test_machine_time_charges_every_slot_from_the_first_start_to_the_last_end(tmp_path) -> None:
+    regret = load_bench("regret")
+
+    def trial(trial_id, folder, start, seconds):
+        # Tune's result.json: whole-second timestamps, one result per second of the run.
+        rows = [{"trial_id": trial_id, "timestamp": int(start + t), "time_total_s": t}
+                for t in [*range(1, int(seconds)), seconds]]
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    trial("a", "a", 1000.0, 10.0)
+    trial("b", "b", 1000.0, 30.0)            # a slot idle from 1010 to 1030
+    trial("c", "confirm/c", 1040.0, 10.0)    # both idle from 1030 to 1040
+    assert regret.machine_s(tmp_path, {"a", "b"}) == pytest.approx(2 * 30, abs=2 * 1.0)
+    assert regret.machine_s(tmp_path, {"a", "b", "c"}) == pytest.approx(2 * 50, abs=2 * 1.0)
+    with pytest.raises(SystemExit, match="found for 1 of 2 trials"):
+        regret.machine_s(tmp_path, {"a", "gone"})
 
 
 def test_the_replay_runs_the_sweeps_searcher_and_scheduler_over_recorded_epochs() -> None:
