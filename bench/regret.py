@@ -25,7 +25,7 @@ sweeps run through `jobs/sweep.py`, the real job:
 
 Target (issue 11): regret within the seed noise at no more than 1/3 of the grid's CPU time.
 
-    python bench/regret.py                # ~20 minutes on 2 cores, +4-5 per search seed (BENCHMARKS.md section 9)
+    python bench/regret.py                # ~15 minutes on 2 cores, +4-5 per search seed (BENCHMARKS.md section 9)
     python bench/regret.py --out DIR --search-seeds 4   # the ground truth in DIR reused
     python bench/regret.py --out DIR2 --set sweep.rung_min_peers=2   # DIR2/truth*: links to DIR's
     python bench/regret.py --smoke --json # a 2-config micro space
