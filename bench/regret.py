@@ -147,21 +147,27 @@ def ground_truth(copies: list[list[dict]]) -> tuple[dict[tuple[str, float], floa
     return truth, noise, sum(t["last_time_total_s"] or 0.0 for t in copies[0])
 
 
-def machine_s(exp: Path, trial_ids: set[str]) -> float:
-    """CONCURRENT slots x the wall time from the first of these trials' start to the last
-    one's end, from Tune's result.json of each trial under `exp`. A result's timestamp
-    is in whole seconds and its time_total_s is not, so a trial's start is the median of
-    timestamp - time_total_s over its results, plus half a second."""
-    starts, ends = [], []
+def trial_spans(exp: Path) -> dict[str, tuple[float, float]]:
+    """(start, end) wall time of each trial under `exp`, from its Tune result.json. A
+    result's timestamp is in whole seconds and its time_total_s is not, so a trial's start
+    is the median of timestamp - time_total_s over its results, plus half a second."""
+    spans = {}
     for path in exp.rglob("result.json"):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows and rows[0]["trial_id"] in trial_ids:
+        if rows:
             start = statistics.median(r["timestamp"] - r["time_total_s"] for r in rows) + 0.5
-            starts.append(start)
-            ends.append(start + rows[-1]["time_total_s"])
-    if len(starts) != len(trial_ids):
-        raise SystemExit(f"{exp}: Tune's result.json found for {len(starts)} of {len(trial_ids)} trials")
-    return CONCURRENT * (max(ends) - min(starts))
+            spans[rows[0]["trial_id"]] = (start, start + rows[-1]["time_total_s"])
+    return spans
+
+
+def machine_s(spans: dict[str, tuple[float, float]], trial_ids: set[str]) -> float:
+    """CONCURRENT slots x the wall time from the first of these trials' start to the last
+    one's end (`spans` from trial_spans)."""
+    found = [spans[i] for i in trial_ids if i in spans]
+    if len(found) != len(trial_ids):
+        raise SystemExit(f"Tune's result.json found for {len(found)} of {len(trial_ids)} trials "
+                         f"(missing: {', '.join(sorted(trial_ids - spans.keys()))})")
+    return CONCURRENT * (max(end for _, end in found) - min(start for start, _ in found))
 
 
 def is_first_copy(trial: dict[str, Any]) -> bool:
@@ -192,7 +198,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         copies = run_truth(out, mode)
-        grid_machine = machine_s(out / truth_name(0), {t["trial_id"] for t in copies[0]})
+        grid_machine = machine_s(trial_spans(out / truth_name(0)), {t["trial_id"] for t in copies[0]})
         searches = []
         for seed in range(args.search_seeds):
             name = "search" if seed == 0 else f"search-seed{seed}"
@@ -234,10 +240,11 @@ def strategies(exp: Path, searched: list[dict], best: dict[str, Any]) -> list[tu
     search = [t for t in searched if not _confirm(t)]
     search_cpu = sum(t["last_time_total_s"] or 0.0 for t in search)
     all_cpu = sum(t["last_time_total_s"] or 0.0 for t in searched)
+    spans = trial_spans(exp)
     return [("search", "search only (best trial)", best["search_best"], search_cpu,
-             machine_s(exp, {t["trial_id"] for t in search})),
+             machine_s(spans, {t["trial_id"] for t in search})),
             ("confirmed", "with confirmation", {"arch": best["arch"], "lr": best["lr"]}, all_cpu,
-             machine_s(exp, {t["trial_id"] for t in searched}))]
+             machine_s(spans, {t["trial_id"] for t in searched}))]
 
 
 def _confirm(trial: dict[str, Any]) -> bool:

@@ -213,10 +213,11 @@ def test_machine_time_charges_every_slot_from_the_first_start_to_the_last_end(tm
     trial("a", "a", 1000.0, 10.0)
     trial("b", "b", 1000.0, 30.0)            # a slot idle from 1010 to 1030
     trial("c", "confirm/c", 1040.0, 10.0)    # both idle from 1030 to 1040
-    assert regret.machine_s(tmp_path, {"a", "b"}) == pytest.approx(2 * 30, abs=2 * 1.0)
-    assert regret.machine_s(tmp_path, {"a", "b", "c"}) == pytest.approx(2 * 50, abs=2 * 1.0)
+    spans = regret.trial_spans(tmp_path)
+    assert regret.machine_s(spans, {"a", "b"}) == pytest.approx(2 * 30, abs=2 * 1.0)
+    assert regret.machine_s(spans, {"a", "b", "c"}) == pytest.approx(2 * 50, abs=2 * 1.0)
     with pytest.raises(SystemExit, match="found for 1 of 2 trials"):
-        regret.machine_s(tmp_path, {"a", "gone"})
+        regret.machine_s(spans, {"a", "gone"})
 
 
 def test_the_replay_runs_the_sweeps_searcher_and_scheduler_over_recorded_epochs() -> None:
