@@ -47,6 +47,7 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from bench_cluster import free_port  # noqa: E402
 from bench_output import print_json, print_load  # noqa: E402
 from hlbd_ray.config import Config, from_dict, load_config, to_dict  # noqa: E402
 from hlbd_ray.data import PreparedData, iter_batches, num_batches, prepare_data  # noqa: E402
@@ -193,16 +194,6 @@ def run_tune_fn(cfg: Config, data_ref: Any, out: Path, name: str) -> Timed:
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1), run_config=tune.RunConfig(
         name=name, storage_path=str(out), verbose=0, callbacks=[stamp_tune_callback(stamped)]))
     return fit_tuner(tuner, stamped)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now. The dashboard's default (8265) may belong to
-    another local cluster on the same machine, and then this one's state API is dead."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- measures ----------------------------------------------------------------------------

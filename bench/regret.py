@@ -25,10 +25,13 @@ sweeps run through `jobs/sweep.py`, the real job:
 
 Target (issue 11): regret within the seed noise at no more than 1/3 of the grid's CPU time.
 
+Every sweep is jobs/sweep.py attached to one local cluster of 2 CPUs that the bench starts
+(bench_cluster.py), so Ray starts once, not once per sweep; the trials' times begin after it.
+
     python bench/regret.py                # ~15 minutes on 2 cores, +4-5 per search seed (BENCHMARKS.md section 9)
     python bench/regret.py --out DIR --search-seeds 4   # the ground truth in DIR reused
     python bench/regret.py --out DIR2 --set sweep.rung_min_peers=2   # DIR2/truth*: links to DIR's
-    python bench/regret.py --smoke --json # a 2-config micro space
+    python bench/regret.py --smoke --json # a 2-config micro space: 3 sweeps, 4 rounds of trials, ~75 s
 
 bench/regret_replay.py replays the search over hundreds of seeds from the ground truth's
 recorded epochs, without training: 4 real search seeds cannot tell two settings apart.
@@ -51,6 +54,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from bench_cluster import local_cluster
 from bench_output import print_json, print_load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,9 +88,10 @@ def search_overrides(mode: dict[str, Any], seed: int, extra: list[str]) -> list[
             f"sweep.seed={seed}", *extra]
 
 
-def sweep(out: Path, name: str, mode: dict[str, Any], *overrides: str) -> tuple[list[dict], dict]:
+def sweep(address: str, out: Path, name: str, mode: dict[str, Any], *overrides: str) -> tuple[list[dict], dict]:
+    """jobs/sweep.py as a user runs it, attached to the bench's cluster at `address`."""
     args = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", mode["config"], *space_overrides(mode),
-            f"output_dir={out}", f"sweep.name={name}", "cluster.num_cpus=2",
+            f"output_dir={out}", f"sweep.name={name}", f"cluster.address={address}",
             f"sweep.max_concurrent_trials={CONCURRENT}", *overrides]
     start = time.monotonic()
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=3600)
@@ -104,12 +109,12 @@ def truth_name(copy: int) -> str:
     return "truth" if copy == 0 else f"truth-seed{copy}"
 
 
-def run_truth(out: Path, mode: dict[str, Any]) -> list[list[dict]]:
+def run_truth(address: str, out: Path, mode: dict[str, Any]) -> list[list[dict]]:
     """The exhaustive grid at train.seed + c for each copy c, one sweep each."""
     from hlbd_ray.config import load_config
 
     seed = load_config(REPO / mode["config"], mode["base"]).train.seed
-    copies = [sweep(out, truth_name(c), mode, *TRUTH, f"train.seed={seed + c}")[0] for c in range(TRUTH_SEEDS)]
+    copies = [sweep(address, out, truth_name(c), mode, *TRUTH, f"train.seed={seed + c}")[0] for c in range(TRUTH_SEEDS)]
     return one_seed_each(out, copies)
 
 
@@ -195,14 +200,15 @@ def main() -> None:
     mode = SMOKE if args.smoke else FULL
     configs = configs_in(mode)
     load_start = print_load("start")
-    with tempfile.TemporaryDirectory() as tmp:
+    # One cluster of CONCURRENT CPUs for every sweep: Ray starts once, not once per sweep.
+    with tempfile.TemporaryDirectory() as tmp, local_cluster(CONCURRENT) as address:
         out = Path(args.out or tmp)
-        copies = run_truth(out, mode)
+        copies = run_truth(address, out, mode)
         grid_machine = machine_s(trial_spans(out / truth_name(0)), {t["trial_id"] for t in copies[0]})
         searches = []
         for seed in range(args.search_seeds):
             name = "search" if seed == 0 else f"search-seed{seed}"
-            searched, best = sweep(out, name, mode, *search_overrides(mode, seed, args.set))
+            searched, best = sweep(address, out, name, mode, *search_overrides(mode, seed, args.set))
             searches.append(strategies(out / name, searched, best))
     truth, noise, grid_cpu = ground_truth(copies)
     best_key = min(truth, key=truth.__getitem__)

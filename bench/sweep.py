@@ -44,6 +44,7 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from bench_cluster import free_port  # noqa: E402
 from bench_output import print_json, print_load  # noqa: E402
 from hlbd_ray.config import Config, load_config, validate  # noqa: E402
 
@@ -316,16 +317,6 @@ def torch_imports(timeline: Path, cpu: TreeCPU) -> dict[str, int]:
         record = json.loads(file.read_text())
         kinds[cpu.title_of(record["pid"])] += 1
     return dict(kinds)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now. The dashboard's default (8265) may belong to
-    another local cluster on the same machine, and then this one's state API is dead."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- accounting --------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -35,31 +34,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import time_to_quality as ttq  # noqa: E402
 
+from bench_cluster import local_cluster  # noqa: E402
 from bench_output import print_json, print_load  # noqa: E402
 
 LAYOUTS = {"1x2": [2], "2x1": [1, 1]}   # CPUs of each worker node
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_layout(nodes: list[int], job: list[str], out: Path) -> dict[str, Any]:
-    from ray.cluster_utils import Cluster
-
-    # The sweep needs the dashboard's state API (require_state_api); its own port keeps it
-    # apart from any other head on this machine.
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
-    try:
-        for cpus in nodes:
-            cluster.add_node(num_cpus=cpus)
-        cluster.wait_for_nodes()
-        run = ttq.run_ours(job, out, [f"cluster.address={cluster.address}"])
-    finally:
-        cluster.shutdown()
+    with local_cluster(0, nodes) as address:
+        run = ttq.run_ours(job, out, [f"cluster.address={address}"])
     return {**ttq.summarize(run), "nodes": nodes}
 
 

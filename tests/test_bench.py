@@ -21,9 +21,13 @@ BENCH = ROOT / "bench"
 
 
 def run_smoke(script: str, *args: str, timeout: int = 180) -> dict:
+    return run_bench(script, "--smoke", *args, timeout=timeout)
+
+
+def run_bench(script: str, *args: str, timeout: int = 180) -> dict:
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--json", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--json", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -148,6 +152,18 @@ def test_load_smoke() -> None:
     assert result["all_rows"] is True and result["trials"] == [2, 4]
     check({"growth": result["rss_growth_mb_per_trial"], "peak": max(result["peak_rss_mb"])},
           {"growth"}, {"peak"})
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_two_nodes_runs_the_same_sweep_on_both_layouts() -> None:
+    result = run_bench("two_nodes.py", timeout=400)   # its one size is a smoke sweep already
+    check(result, {"best_val_loss_diff"}, {"wall_ratio_2x1_over_1x2"})
+    one, two = result["1x2"], result["2x1"]
+    assert one["nodes"] == [2] and two["nodes"] == [1, 1]
+    # The seeded search drew the same configs on both clusters; every trial reported.
+    assert result["same_configs"] and one["trials"] == two["trials"] == 4
+    assert all(math.isfinite(r["best_val_loss"]) and r["wall_s"] > 0 for r in (one, two))
 
 
 @pytest.mark.slow
