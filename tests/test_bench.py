@@ -189,6 +189,7 @@ def test_regret_smoke(tmp_path) -> None:
     replayed = run_smoke("regret_replay.py", str(tmp_path), "--seeds", "2", "--set", "sweep.rung_min_peers=1")
     assert replayed["regret_by_seed"] == result["search_regret_by_seed"]
     assert replayed["seed_noise"] == result["seed_noise"] and all(r > 0 for r in replayed["cpu_ratio_by_seed"])
+    assert len(replayed["machine_ratio_by_seed"]) == 2 and all(r > 0 for r in replayed["machine_ratio_by_seed"])
 
 
 def test_regret_counts_in_seed_noise_against_the_one_seed_grid() -> None:
@@ -252,17 +253,22 @@ def test_the_replay_runs_the_sweeps_searcher_and_scheduler_over_recorded_epochs(
         return replay.replay(curves, cfg)
 
     # FIFO: all four configs, once each, run both epochs; the best final trial wins.
-    fifo = run("sweep.scheduler=fifo")
+    fifo, fifo_span = run("sweep.scheduler=fifo")
     assert sorted(fifo) == sorted((key, 2) for key in curves)
     assert replay.outcome(curves, fifo) == (("64x4", 3e-3), 60)
+    # Two slots, four 15 s trials back to back: the search ends at 30 s, as the grid does.
+    assert fifo_span == replay.grid_span(curves) == 30
     # ASHA (Ray's rule): the first trial at the rung continues, someone worse than the rung's
     # median is cut after epoch 1 and costs that epoch alone; the pick is the best finisher.
-    asha = run("sweep.scheduler=asha", "sweep.grace_period=1", "sweep.reduction_factor=2")
+    asha, asha_span = run("sweep.scheduler=asha", "sweep.grace_period=1", "sweep.reduction_factor=2")
     assert len({key for key, _ in asha}) == 4 and asha[0][1] == 2 and any(epochs == 1 for _, epochs in asha)
     finishers = [key for key, epochs in asha if epochs == 2]
     pick, slot_time = replay.outcome(curves, asha)
     assert pick == min(finishers, key=lambda key: curves[key][1][0])
     assert slot_time == sum(curves[key][epochs - 1][1] for key, epochs in asha) < 60
+    # The machine is charged both slots over the span: here the last trial runs on beside
+    # an idle slot, so the search costs the grid's 30 s of machine for less slot time.
+    assert slot_time / 2 < asha_span == 30
 
 
 def load_bench(name: str):
