@@ -124,11 +124,9 @@ class EpochOptunaSearch(OptunaSearch):
         [] when the space is not finite or is spent."""
         fresh = [c for c in self._finite_configs() if _config_key(c) not in self._launched]
 
-        def changed(config: dict) -> int:
-            return sum(config[k] != repeated.get(k) for k in config)
-
-        fewest = min(map(changed, fresh), default=0)
-        return [c for c in fresh if changed(c) == fewest]
+        changed = [sum(c[k] != repeated.get(k) for k in c) for c in fresh]
+        fewest = min(changed, default=0)
+        return [c for c, n in zip(fresh, changed) if n == fewest]
 
     def _finite_configs(self) -> list[dict]:
         """Every config of a finite space (all categorical); [] otherwise."""
