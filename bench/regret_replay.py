@@ -139,6 +139,7 @@ def main() -> None:
     truth, noise, grid_cpu = ground_truth(copies)
     curves = first_copy_curves(Path(args.out) / truth_name(0), copies[0])
     load_start = print_load("start")
+    grid_machine = grid_span(curves)   # the same grid for every seed
     regrets, ratios, machine = [], [], []
     for seed in range(args.seeds):
         cfg = load_config(REPO / mode["config"], [*space_overrides(mode), *search_overrides(mode, seed, args.set)])
@@ -146,7 +147,7 @@ def main() -> None:
         pick, slot_time = outcome(curves, runs)
         regrets.append(regret_of({"arch": pick[0], "lr": pick[1]}, truth, noise))
         ratios.append(slot_time / grid_cpu)
-        machine.append(span / grid_span(curves))   # both x CONCURRENT slots
+        machine.append(span / grid_machine)   # both x CONCURRENT slots
     within = sum(r < 1 for r in regrets)
     met = sum(r < 1 and c <= 1 / 3 for r, c in zip(regrets, ratios))
     print(f"\n{len(truth)} configs, seed noise {noise:.4f}, grid at one seed {grid_cpu:.0f} CPU-s; "

@@ -25,17 +25,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from .browser import RAY_AUTH_COOKIE, check_report_page, chromium, wait_for
-from .conftest import RAY_TEST_ENV, REPO
+from .conftest import RAY_TEST_ENV, REPO, free_port
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 EXCLUDES = '{"excludes": [".venv", ".git", "runs", ".pytest_cache"]}'
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout: float, what: str):

@@ -5,21 +5,15 @@ attach to it with `cluster.address`, as they would to a cluster of machines."""
 from __future__ import annotations
 
 import json
-import socket
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, run_job
+from .conftest import REPO, free_port, run_job
 
 SMOKE = str(REPO / "conf" / "smoke.yaml")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
