@@ -82,6 +82,19 @@ def living_actors(timeout: float = 10.0) -> list[Any]:
                        limit=10_000, timeout=int(timeout), raise_on_missing_output=False)
 
 
+def job_actors(timeout: float = 10.0) -> list[Any]:
+    """This job's actors that are not dead and die with it: the trials' actors and every
+    actor they start. Not the detached ones (Train's autoscaling coordinator, created by
+    the first sweep on a cluster, lives on)."""
+    import ray
+    from ray.util.state import list_actors
+
+    job_id = ray.get_runtime_context().get_job_id()
+    actors = list_actors(address=_address(), filters=[("state", "!=", "DEAD"), ("job_id", "=", job_id)],
+                         detail=True, limit=10_000, timeout=int(timeout), raise_on_missing_output=False)
+    return [a for a in actors if not a.is_detached]
+
+
 def occupied_groups(timeout: float = 10.0) -> set[str]:
     """Ids of the placement groups that hold at least one actor that is not dead."""
     return {a.placement_group_id for a in living_actors(timeout) if a.placement_group_id}
@@ -161,14 +174,26 @@ class PlacementGroupKeeper(LiveCallback):
         return removed
 
     def settle(self, quiet_s: float = 3.0, timeout_s: float = 30.0) -> list[Any]:
-        """After the sweep: collect until no marked group appeared for `quiet_s`; returns the
-        job's groups still alive then (none, unless removal itself fails)."""
+        """After the sweep: collect until no marked group appeared for `quiet_s`, or sooner
+        once nothing is left that could create one; returns the job's groups still alive
+        then (none, unless removal itself fails)."""
         start = last_seen = time.monotonic()
         while time.monotonic() - last_seen < quiet_s and time.monotonic() - start < timeout_s:
             if self.collect(running=set()):
                 last_seen = time.monotonic()
+            elif self.nothing_can_appear():
+                break
             time.sleep(0.5)
         return self._list(job_groups) or []
+
+    def nothing_can_appear(self) -> bool:
+        """No marked group is left and no actor of this job lives. Only a trial's Train
+        controller creates a marked group, and it is an actor of this job (the trial's
+        actor or its child), so none can appear any more."""
+        groups = self._list(job_groups)
+        if groups is None or any(marks_of(g)[0] for g in groups):
+            return False
+        return self._list(job_actors) == []
 
     def summary(self, left: int) -> dict[str, Any]:
         return {"freed": self.freed, "created_after_their_trial_ended": self.strays,

@@ -54,6 +54,23 @@ class Cluster:
                                                               if g.placement_group_id not in self.removed])
         monkeypatch.setattr(placement, "living_actors", lambda: [Actor(a) for a in self.alive])
         monkeypatch.setattr(placement, "remove", self.removed.append)
+        self.job_alive: list[str] = []      # this job's actors that are not dead
+        monkeypatch.setattr(placement, "job_actors", lambda: [Actor(a) for a in self.job_alive])
+
+
+class Clock:
+    """placement's `time`: sleeping advances the monotonic clock, and runs `on_sleep`."""
+
+    def __init__(self, on_sleep=lambda naps: None):
+        self.now, self.naps, self.on_sleep = 100.0, 0, on_sleep
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.naps += 1
+        self.on_sleep(self.naps)
 
 
 def test_a_running_trials_group_is_kept_and_an_ended_trials_group_goes_once_its_actor_is_gone(
@@ -109,3 +126,43 @@ def test_a_group_created_after_its_trial_ended_counts_as_a_stray(monkeypatch, st
     summary = keeper.summary(left=0)
     assert summary["created_after_their_trial_ended"] == 1
     assert 1.0 <= summary["longest_after_trial_end_s"] < 5
+
+
+def test_settle_ends_at_once_when_no_marked_group_is_left_and_no_actor_of_the_job_lives(monkeypatch):
+    cluster = Cluster(monkeypatch, [group("ended", "t1", "a1"), group("tune's own", None)], alive=[])
+    clock = Clock()
+    monkeypatch.setattr(placement, "time", clock)
+    left = PlacementGroupKeeper().settle(quiet_s=3.0)
+    assert cluster.removed == ["ended"]
+    assert clock.naps == 1       # the round that removed a group, then one that found nothing
+    assert [g.placement_group_id for g in left] == ["tune's own"]     # reported, not ours to remove
+
+
+def test_settle_waits_while_an_actor_of_the_job_could_still_create_a_group(monkeypatch):
+    cluster = Cluster(monkeypatch, [], alive=["controller"])
+    cluster.job_alive = ["controller"]
+
+    def controller_acts(naps: int) -> None:
+        if naps == 2:            # a dying controller restarts its workers in a new group
+            cluster.groups.append(group("late", "t1", "controller"))
+        if naps == 4:
+            cluster.alive = cluster.job_alive = []
+
+    clock = Clock(controller_acts)
+    monkeypatch.setattr(placement, "time", clock)
+    assert PlacementGroupKeeper().settle(quiet_s=3.0) == []
+    assert cluster.removed == ["late"]
+    assert clock.naps == 4       # until the last actor of the job was gone, not quiet_s after "late"
+
+
+def test_settle_gives_up_deciding_early_when_the_state_api_fails(monkeypatch):
+    Cluster(monkeypatch, [], alive=[])
+
+    def unavailable():
+        raise TimeoutError("state API busy")
+
+    monkeypatch.setattr(placement, "job_actors", unavailable)
+    clock = Clock()
+    monkeypatch.setattr(placement, "time", clock)
+    PlacementGroupKeeper().settle(quiet_s=3.0)
+    assert clock.naps == 6       # the full quiet_s in 0.5 s rounds: no early end on no answer
