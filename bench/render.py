@@ -5,6 +5,9 @@ and lr) are built once with the aggregator; then, in one run:
 
 - render: `render_report` on them, the whole page (answer plots, overview plots, one
   loss plot per trial, index.html): wall and CPU seconds, median of `--repeats`;
+- render as the live page does it: the same files, but two trials advanced by one epoch
+  since the last render, which drew the rest (`drawn`); only the plots whose inputs
+  changed are drawn again;
 - poke: what the aggregator's write pays on Tune's callback thread to start a
   background render (`PageRenderer.poke`), median over the renders;
 - ingest, alone and beside renders: the aggregator folding the same reports with no
@@ -83,11 +86,22 @@ def main() -> None:
     load_start = print_load("start")
     stream = sweep_stream(args.trials, args.epochs, args.batches)
     trials = [StandInTrial(f"t{t:03d}", {"lr": 1e-3}) for t in range(args.trials)]
+    # The last epoch of trials 0 and 1 arrives after the live page's previous render.
+    late = [(t, r) for t, r in stream if t < 2 and r["epoch"] == args.epochs - 1]
     with tempfile.TemporaryDirectory(prefix="bench-render-") as tmp:
         out = Path(tmp)
-        agg = fold(out, stream, trials, args.points)
+        agg = fold(out, [(t, r) for t, r in stream if (t, r) not in late], trials, args.points)
         agg._mark_all()
         assert agg.flush()
+        drawn: dict[str, str] = {}
+        render_report(out, refresh_s=every_s, drawn=drawn)
+        for t, r in late:
+            agg.add_result(trials[t], r)
+        agg._mark_all()
+        assert agg.flush()
+        w, c = time.perf_counter(), time.process_time()
+        render_report(out, refresh_s=every_s, drawn=drawn)
+        live_s, live_cpu_s = time.perf_counter() - w, time.process_time() - c
         walls, cpus = [], []
         for _ in range(args.repeats):
             w, c = time.perf_counter(), time.process_time()
@@ -121,6 +135,7 @@ def main() -> None:
     result = {
         "trials": args.trials, "epochs": args.epochs, "points_per_epoch": args.points,
         "render_s": render_s, "render_cpu_s": render_cpu_s,
+        "render_two_advanced_s": live_s, "render_two_advanced_cpu_s": live_cpu_s,
         "poke_ms": statistics.median(pokes) * 1e3 if pokes else float("nan"),
         "renders_beside": page.renders, "ingest_alone_per_s": alone,
         "ingest_beside_per_s": beside, "ingest_slowdown_ratio": alone / beside,
@@ -130,6 +145,8 @@ def main() -> None:
     }
     print(f"page of {args.trials} trials x {args.epochs} epochs ({args.points} points/epoch)")
     print(f"  render (whole page)        {render_s:8.2f} s wall  {render_cpu_s:8.2f} s CPU")
+    print(f"  render, 2 trials advanced  {live_s:8.2f} s wall  {live_cpu_s:8.2f} s CPU "
+          "(the other plots kept from the previous render)")
     print(f"  poke on the callback path  {result['poke_ms']:8.3f} ms (median of {len(pokes)})")
     print(f"  ingest alone               {alone:8.0f} reports/s")
     print(f"  ingest beside renders      {beside:8.0f} reports/s  "

@@ -9,13 +9,16 @@ pyplot), which needs no display and keeps no global state between calls.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 PLOTS_DIR = "plots"
+# The trial fields the answer plots draw from.
+ANSWER_KEYS = ("trial_id", "num_heads", "d_model", "lr", "best_val_loss")
 INDEX_FILE = "index.html"
 # Columns of the best-trials table: (trial row key, header, format).
 TABLE = (("status", "status", "{}"), ("best_val_loss", "best val loss", "{:.4f}"),
@@ -46,7 +51,8 @@ class PageRenderer:
     """Keeps a running sweep's index.html and PNGs fresh without slowing the sweep.
 
     `poke()` (from the aggregator, on Tune's callback thread) starts a render in a daemon
-    thread and returns at once. It skips when a render is still running, and waits
+    thread and returns at once. A plot whose inputs did not change since this renderer
+    drew it is not drawn again (an ended trial's loss plot, most of a long sweep's page). It skips when a render is still running, and waits
     between starts for `every_s` or `1 / max_share` times the last render's duration,
     whichever is longer: rendering takes at most `max_share` of one core however slow
     it gets. The render reads only the report files, which the aggregator replaces
@@ -60,10 +66,12 @@ class PageRenderer:
         self.last_s = self.max_s = 0.0
         self._next = 0.0
         self._thread: threading.Thread | None = None
+        self.drawn: dict[str, str] = {}    # plot file name -> digest of what it was drawn from
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks (tuner.pkl): a thread does not pickle, nor matter there.
-        return {**self.__dict__, "_thread": None}
+        # Tune pickles its callbacks (tuner.pkl): a thread does not pickle, nor matter
+        # there; a resumed sweep draws every plot once more from the files it finds.
+        return {**self.__dict__, "_thread": None, "drawn": {}}
 
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -89,12 +97,15 @@ class PageRenderer:
             if self._thread.is_alive():
                 log.error("report: the page render did not end within %.0f s; the final "
                           "page is rendered beside it", timeout_s)
+                self.drawn = {}    # the render still running may record its digests late
+                self._render(None, reuse=False)
+                return
         self._render(None)
 
-    def _render(self, refresh_s: float | None) -> None:
+    def _render(self, refresh_s: float | None, reuse: bool = True) -> None:
         started = time.monotonic()
         try:
-            render_report(self.folder, refresh_s=refresh_s)
+            render_report(self.folder, refresh_s=refresh_s, drawn=self.drawn if reuse else None)
         except Exception:  # the sweep goes on; the next render retries
             self.failures += 1
             log.exception("report: could not render the page in %s", self.folder)
@@ -127,30 +138,36 @@ def load_report(report_dir: Path) -> dict[str, Any]:
             "modules": rows(MODULES_FILE)}
 
 
-def render_report(folder: str | Path, refresh_s: float | None = None) -> Path:
+def render_report(folder: str | Path, refresh_s: float | None = None,
+                  drawn: dict[str, str] | None = None) -> Path:
     """Render every plot and index.html; returns the path of index.html.
 
     `refresh_s`: the page reloads itself every so many seconds (a sweep still running);
-    None: a page that stays as it is (the sweep ended, or a snapshot)."""
+    None: a page that stays as it is (the sweep ended, or a snapshot). `drawn`: the
+    digests of the plots an earlier render drew (updated here); a plot on disk that was
+    drawn from the same inputs is kept as it is. None: draw every plot."""
     report_dir = find_report_dir(folder)
     data = load_report(report_dir)
-    plots = report_dir / PLOTS_DIR
+    plots = Plots(report_dir / PLOTS_DIR, drawn)
     trials = sort_trials(data["trials"])
     by_trial = _group(data["curves"])
     epochs = _group(data["epochs"])
-    answer = [_save(plots / "answer_lr.png", _answer_lr(trials)),
-              _save(plots / "answer_grid.png", _answer_grid(trials))]
+    # Each plot gets only the fields it draws, so that its digest changes exactly when it would.
+    scores = [{key: t.get(key) for key in ANSWER_KEYS} for t in _scored(trials)]
+    ids = [t["trial_id"] for t in trials]
+    answer = [plots.draw("answer_lr.png", scores, partial(_answer_lr, scores)),
+              plots.draw("answer_grid.png", scores, partial(_answer_grid, scores))]
     overview = [
-        _save(plots / "loss_all.png", _overview_loss(trials, by_trial)),
-        _save(plots / "val_loss.png", _per_epoch(trials, epochs, "val_loss", "validation loss")),
-        _save(plots / "lr.png", _per_epoch(trials, epochs, "lr", "learning rate (epoch end)")),
+        plots.draw("loss_all.png", (ids, by_trial), partial(_overview_loss, ids, by_trial)),
+        plots.draw("val_loss.png", (ids, epochs), partial(_per_epoch, ids, epochs, "val_loss", "validation loss")),
+        plots.draw("lr.png", (ids, epochs), partial(_per_epoch, ids, epochs, "lr", "learning rate (epoch end)")),
     ]
     per_trial = {}
     for t in trials:
         tid = t["trial_id"]
         if by_trial.get(tid):
-            per_trial[tid] = _save(plots / f"loss_{safe_name(tid)}.png",
-                                   _trial_loss(tid, by_trial[tid]))
+            per_trial[tid] = plots.draw(f"loss_{safe_name(tid)}.png", (tid, by_trial[tid]),
+                                        partial(_trial_loss, tid, by_trial[tid]))
     index = report_dir / INDEX_FILE
     modules = {tid: _module_table(rows) for tid, rows in _group(data["modules"]).items()}
     atomic_write_text(index, _html(trials, answer, overview, per_trial, report_dir, refresh_s, modules))
@@ -273,26 +290,25 @@ def _answer_grid(trials: list[dict[str, Any]], bins: int = 6) -> Figure:
     return fig
 
 
-def _overview_loss(trials: list[dict[str, Any]], by_trial: dict[str, list]) -> Figure:
+def _overview_loss(ids: list[str], by_trial: dict[str, list]) -> Figure:
     fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.add_subplot()
-    for t in trials:
-        buckets = by_trial.get(t["trial_id"])
+    for tid in ids:
+        buckets = by_trial.get(tid)
         if buckets:
-            ax.plot(*_xy(buckets, "mean"), linewidth=1, label=t["trial_id"])
+            ax.plot(*_xy(buckets, "mean"), linewidth=1, label=tid)
     _finish(ax, "train loss (bucket means), all trials", "micro-batch (global index)", "loss")
     return fig
 
 
-def _per_epoch(trials: list[dict[str, Any]], epochs: dict[str, list], key: str,
-               label: str) -> Figure:
+def _per_epoch(ids: list[str], epochs: dict[str, list], key: str, label: str) -> Figure:
     fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.add_subplot()
-    for t in trials:
-        rows = [r for r in epochs.get(t["trial_id"], []) if r.get(key) is not None]
+    for tid in ids:
+        rows = [r for r in epochs.get(tid, []) if r.get(key) is not None]
         if rows:
             ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o",
-                    markersize=3, linewidth=1, label=t["trial_id"])
+                    markersize=3, linewidth=1, label=tid)
     _finish(ax, f"{label} per epoch", "epoch", label)
     return fig
 
@@ -305,6 +321,25 @@ def _finish(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
         ax.legend(fontsize=7, ncol=2)
     else:
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+
+
+class Plots:
+    """The PNGs of one render, each drawn only when its inputs changed since `drawn` saw it."""
+
+    def __init__(self, folder: Path, drawn: dict[str, str] | None) -> None:
+        self.folder, self.drawn = folder, drawn
+
+    def draw(self, name: str, inputs: Any, figure: Callable[[], Figure]) -> Path:
+        path = self.folder / name
+        # Drawing a plot costs ~0.1 CPU-s, its digest well under 1% of that.
+        digest = hashlib.blake2b(json.dumps(inputs, sort_keys=True, default=str).encode(),
+                                 digest_size=16).hexdigest()
+        if self.drawn is not None and self.drawn.get(name) == digest and path.is_file():
+            return path
+        _save(path, figure())
+        if self.drawn is not None:
+            self.drawn[name] = digest
+        return path
 
 
 def _save(path: Path, fig: Figure) -> Path:

@@ -138,6 +138,45 @@ def test_the_live_page_renders_in_the_background_and_stops_reloading_at_the_end(
     assert 0 < page.last_s <= page.max_s
 
 
+def test_a_render_draws_again_only_the_plots_whose_inputs_changed(tmp_path):
+    make_sweep(tmp_path)
+    report = tmp_path / "report"
+
+    def written() -> dict[str, tuple[int, int]]:
+        # An atomic write renames a new file into place: a new inode.
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+                for p in [*(report / "plots").glob("*.png"), report / "index.html"]}
+
+    drawn: dict[str, str] = {}
+    render_report(tmp_path, refresh_s=10, drawn=drawn)
+    first = written()
+    render_report(tmp_path, refresh_s=10, drawn=drawn)
+    again = written()
+    assert again["index.html"] != first["index.html"]            # the page itself always
+    assert {k: v for k, v in again.items() if k != "index.html"} == \
+        {k: v for k, v in first.items() if k != "index.html"}    # nothing changed: no plot drawn
+
+    # A new trial with a few batches and no validation score yet.
+    live = ReportAggregator(tmp_path, points_per_epoch=10, every_s=1e9, resume=True)
+    late = FakeTrial("trial_late", {"lr": 5e-4})
+    live.on_trial_result(0, [late], late, {"epoch": 0, "batch_start": 0, "batches": 3,
+                                           "batch_losses": [1.0, 2.0, 3.0], "epoch_batches": 3,
+                                           "epoch_end": False})
+    assert live.flush()
+    render_report(tmp_path, refresh_s=10, drawn=drawn)
+    third = written()
+    redrawn = {name for name in third if third[name] != again.get(name)}
+    assert redrawn == {"index.html", "loss_all.png", "val_loss.png", "lr.png", "loss_trial_late.png"}
+
+    (report / "plots" / "loss_trial_good.png").unlink()          # gone from disk: drawn again
+    render_report(tmp_path, refresh_s=10, drawn=drawn)
+    assert (report / "plots" / "loss_trial_good.png").read_bytes()[:8] == PNG
+    # Without a record of what was drawn (jobs/report.py, a resumed sweep): every plot.
+    render_report(tmp_path)
+    last = written()
+    assert all(last[name] != third[name] for name in third if name != "loss_trial_good.png")
+
+
 def test_a_render_still_running_is_skipped_not_queued(tmp_path):
     import pickle
     import threading
@@ -153,7 +192,9 @@ def test_a_render_still_running_is_skipped_not_queued(tmp_path):
     gate.set()
     page._thread.join()
     # Tune pickles its callbacks, the aggregator's page renderer with them.
-    assert pickle.loads(pickle.dumps(page))._thread is None
+    page.drawn["answer_lr.png"] = "digest"
+    restored = pickle.loads(pickle.dumps(page))
+    assert restored._thread is None and restored.drawn == {}      # a resumed sweep draws every plot once
     assert page.poke()
     page.finish()
     assert page.failures == 0
