@@ -31,7 +31,7 @@ Every sweep is jobs/sweep.py attached to one local cluster of 2 CPUs that the be
     python bench/regret.py                # ~15 minutes on 2 cores, +4-5 per search seed (BENCHMARKS.md section 9)
     python bench/regret.py --out DIR --search-seeds 4   # the ground truth in DIR reused
     python bench/regret.py --out DIR2 --set sweep.rung_min_peers=2   # DIR2/truth*: links to DIR's
-    python bench/regret.py --smoke --json # a 2-config micro space: 3 sweeps, 4 rounds of trials, ~75 s
+    python bench/regret.py --smoke --json # a 2-config micro space: 3 sweeps, 4 rounds of trials, ~58 s
 
 bench/regret_replay.py replays the search over hundreds of seeds from the ground truth's
 recorded epochs, without training: 4 real search seeds cannot tell two settings apart.
@@ -62,7 +62,8 @@ REPO = Path(__file__).resolve().parent.parent
 # conf/sweep.yaml's model and data (2,000 pairs): the budget a default sweep's trials get.
 FULL: dict[str, Any] = {"config": "conf/sweep.yaml", "base": [], "widths": [128, 192], "heads": [2, 4, 8],
                         "lrs": [3e-4, 1e-3, 3e-3], "top_k": 2, "seeds": 2}
-SMOKE: dict[str, Any] = {"config": "conf/smoke.yaml", "base": ["data.generated_per_module=20", "train.epochs=1"],
+# The smoke renders its live page at conf/sweep.yaml's pace (10 s), not smoke.yaml's 2 s.
+SMOKE: dict[str, Any] = {"config": "conf/smoke.yaml", "base": ["data.generated_per_module=20", "train.epochs=1", "report.every_s=10"],
                          "widths": [32], "heads": [2, 4], "lrs": [3e-3], "top_k": 2, "seeds": 1}
 # Both sweeps run 2 trials at once on 2 CPUs (bench/regret_replay.py replays that).
 CONCURRENT = 2
