@@ -52,12 +52,13 @@ class PageRenderer:
 
     `poke()` (from the aggregator, on Tune's callback thread) starts a render in a daemon
     thread and returns at once. A plot whose inputs did not change since this renderer
-    drew it is not drawn again (an ended trial's loss plot, most of a long sweep's page). It skips when a render is still running, and waits
-    between starts for `every_s` or `1 / max_share` times the last render's duration,
-    whichever is longer: rendering takes at most `max_share` of one core however slow
-    it gets. The render reads only the report files, which the aggregator replaces
-    atomically, so the two share no memory. `finish()` waits for a running render and
-    writes the final page, which no longer reloads.
+    drew it is not drawn again (an ended trial's loss plot: most of a long sweep's page).
+    It skips when a render is still running, and waits between starts for `every_s` or
+    `1 / max_share` times the last render's duration, whichever is longer: rendering
+    takes at most `max_share` of one core however slow it gets. The render reads only
+    the report files, which the aggregator replaces atomically, so the two share no
+    memory. `finish()` waits for a running render and writes the final page, which no
+    longer reloads.
     """
 
     def __init__(self, folder: str | Path, every_s: float, max_share: float = 0.2) -> None:
