@@ -58,6 +58,14 @@ def num_trials(sweep: SweepConfig) -> int:
     return 1 if sweep.search == "grid" else sampled_configs(sweep) * sweep.repeats
 
 
+def search_trials(sweep: SweepConfig) -> int:
+    """How many trials the search launches: for a grid, every point x repeats (Tune's
+    num_samples is 1 there, see num_trials)."""
+    if sweep.search != "grid":
+        return num_trials(sweep)
+    return len(valid_pairs(sweep.space)) * len(lr_grid(sweep.space)) * sweep.repeats
+
+
 def confirm_space(candidates: list[tuple[str, float]], first_copy: int, seeds: int) -> dict[str, Any]:
     """Every candidate (arch, lr) once per seed; copy numbers from `first_copy` on, so the
     confirmation never reuses a seed the search ran."""

@@ -34,6 +34,7 @@ from hlbd_ray.search import (
     confirm_space,
     num_trials,
     param_space,
+    search_trials,
     uses_basic_generator,
 )
 from hlbd_ray.summary import finish
@@ -205,7 +206,7 @@ def run_sweep(cfg: Config, data: Any, report_dir: Path, interrupt: Interrupt,
         cfg = with_cluster_precision(cfg)      # one precision for every trial
         confirm = (f", then {s.confirm.top_k} configs x {s.confirm.seeds} seeds confirmed"
                    if s.confirm.top_k else "")
-        print(f"sweep {s.name}: {num_trials(s)} trials, {s.search} search, {s.scheduler} scheduler"
+        print(f"sweep {s.name}: {search_trials(s)} trials, {s.search} search, {s.scheduler} scheduler"
               f"{confirm}, up to {resources.max_concurrent} trials at once; reports in {report_dir}",
               flush=True)
         status = live.register("status", SweepStatus(s.metric, s.mode, max_epochs=cfg.train.epochs,

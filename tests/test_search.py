@@ -21,6 +21,7 @@ from hlbd_ray.search import (
     lr_grid,
     num_trials,
     param_space,
+    search_trials,
     valid_pairs,
 )
 
@@ -147,6 +148,14 @@ def test_grid_runs_every_point_once():
     configs = launched(sweep)
     points = [(c["arch"], c["lr"]) for c in configs]
     assert len(points) == 6 and len(set(points)) == 6 and all(REPEAT_KEY not in c for c in configs)
+
+
+@pytest.mark.parametrize(("search", "repeats"), [("grid", 1), ("grid", 2), ("random", 2), ("optuna", 1)])
+def test_the_trial_count_a_sweep_announces_is_what_it_launches(search, repeats):
+    # 128x6 does not divide: the grid has 3 arch points x 2 lrs, not 4 x 2.
+    space = SpaceConfig(d_model=[128], num_heads=[2, 4, 6, 8], lr_grid_points=2)
+    sweep = SweepConfig(search=search, num_samples=None if search == "grid" else 3, repeats=repeats, space=space)
+    assert search_trials(sweep) == len(launched(sweep))
 
 
 @pytest.mark.parametrize("search", ["grid", "random", "optuna"])
