@@ -44,7 +44,8 @@ from bench_output import print_json, print_load
 from hlbd_ray.config import Config, load_config
 from hlbd_ray.data import Batch, EncodedSplit, PreparedData, iter_batches, prepare_data
 from hlbd_ray.model import ModelSpec
-from hlbd_ray.session import LocalSession, resolve_precision
+from hlbd_ray.precision import resolve_precision
+from hlbd_ray.session import LocalSession
 from hlbd_ray.tokenizer import SPECIALS, TAGS, CharTokenizer
 from hlbd_ray.train import TrainRun
 

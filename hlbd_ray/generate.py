@@ -23,7 +23,8 @@ from hlbd_ray.data import EncodedSplit, iter_batches
 from hlbd_ray.errors import UserError
 from hlbd_ray.metrics import TokenCounts, count_tokens, token_loss_sum
 from hlbd_ray.model import ModelSpec, build_model
-from hlbd_ray.session import autocast, resolve_precision
+from hlbd_ray.precision import resolve_precision
+from hlbd_ray.session import autocast
 from hlbd_ray.storage import is_uri, local_copy
 from hlbd_ray.tokenizer import PAD_ID, CharTokenizer
 

@@ -38,14 +38,9 @@ from hlbd_ray.metrics import (
 )
 from hlbd_ray.model import ModelSpec, build_model
 from hlbd_ray.optim import build_lr_schedule, build_optimizer, restore_lr_schedule, run_length
+from hlbd_ray.precision import resolve_precision
 from hlbd_ray.progress import EpochBar
-from hlbd_ray.session import (
-    LocalSession,
-    RayTrainSession,
-    autocast,
-    resolve_precision,
-    scratch_dir,
-)
+from hlbd_ray.session import LocalSession, RayTrainSession, autocast, scratch_dir
 from hlbd_ray.tokenizer import CharTokenizer
 
 

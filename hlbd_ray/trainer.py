@@ -187,7 +187,7 @@ def user_error_in(err: BaseException) -> UserError | None:
 def with_cluster_precision(cfg: Config) -> Config:
     """The config with train.precision resolved once for the workers' hardware (Ray running),
     so every trial of a sweep runs, and is compared, at the same precision."""
-    from hlbd_ray.session import resolve_on_cluster
+    from hlbd_ray.precision import resolve_on_cluster
 
     t = cfg.train
     precision = resolve_on_cluster(str(t.precision), t.cpus_per_worker, t.gpus_per_worker)

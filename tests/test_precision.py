@@ -1,13 +1,17 @@
-"""The device side of a run: the precision "auto" picks, from fixed /proc/cpuinfo texts
-and devices rather than from the machine the tests happen to run on."""
+"""The precision "auto" picks, from fixed /proc/cpuinfo texts and devices rather than
+from the machine the tests happen to run on."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from hlbd_ray.config import Precision
-from hlbd_ray.session import cpu_has_fast_bf16, resolve_precision
+from hlbd_ray.precision import cpu_has_fast_bf16, resolve_precision
 
 AMX = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16\n"
 AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx2\n"
@@ -37,3 +41,15 @@ def test_an_explicit_precision_wins_and_is_a_plain_string(requested):
     for cpuinfo in (AMX, NO_BF16):
         resolved = resolve_precision(requested, torch.device("cpu"), cpuinfo)
         assert resolved == str(requested) and type(resolved) is str    # it travels in reports
+
+
+def test_the_sweeps_probe_on_a_cpu_reads_cpuinfo_without_torch():
+    # A fresh interpreter, as the probe task's Ray worker is: on a CPU cluster it answers
+    # from /proc/cpuinfo, and importing torch there cost each sweep's start about 0.8 s.
+    probe = ("import sys; from hlbd_ray.precision import _cpu_precision, _probe_precision; "
+             "print(_probe_precision('auto', False) == _cpu_precision(), _probe_precision('fp32', False), "
+             "'torch' in sys.modules)")
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "fp32", "False"]
