@@ -213,10 +213,10 @@ class SweepConfig:
     # the Train controller inside the trial's own process instead of an actor of its own,
     # and no Train helper actors the sweep has no use for (the dataset manager, with no
     # Ray Data datasets; the placement-group cleaner, whose work the sweep's keeper does).
-    # Both override private Ray Train hooks (trainer.trainer_class). The controller stays
-    # an actor by default: run in the trial's thread, it is still polling its workers
-    # (ray.wait) when Tune ends a stopped trial's actor, and 3 of 7 smoke sweeps here
-    # printed that actor's abort ("free(): double free", SIGABRT) on the console.
+    # Both override private Ray Train hooks (trainer.trainer_class). In the trial's thread
+    # the controller used to be still polling its workers (ray.wait) when Tune ended a
+    # stopped trial's actor, which aborted ("free(): double free", SIGABRT); a stopped
+    # trial now ends that thread first (trial.stoppable_trial, BENCHMARKS.md section 3).
     controller_in_trial: bool = False
     lean_train_actors: bool = True
     # Tune's actor reuse between trials.

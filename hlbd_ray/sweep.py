@@ -39,7 +39,7 @@ from hlbd_ray.search import (
 )
 from hlbd_ray.summary import finish
 from hlbd_ray.trainer import preflight, retained_checkpoints, runs_that_fit, storage_join, with_cluster_precision
-from hlbd_ray.trial import run_trial, trial_config  # noqa: F401  (trial_config: part of this module's interface)
+from hlbd_ray.trial import run_trial, stoppable_trial, trial_config  # noqa: F401  (trial_config: part of this module's interface)
 
 TRAIN_DIR = "train"       # every trial's Train run (named by its trial id), inside the sweep's folder
 CONFIRM_DIR = "confirm"   # the confirmation stage's Tune experiment, inside the sweep's folder
@@ -101,7 +101,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
     trainable = tune.with_parameters(
         run_trial, base=to_dict(cfg), data=[data_ref],
         train_storage=storage_join(experiment, TRAIN_DIR), worker_cpu=resources.worker_cpu)
-    trainable = tune.with_resources(trainable, {"cpu": DRIVER_CPU})
+    trainable = stoppable_trial(tune.with_resources(trainable, {"cpu": DRIVER_CPU}))
     if candidates is None:
         storage, name, space = cfg.resolved_storage_path(), s.name, param_space(s)
         search_alg, scheduler = build_searcher(s, resources.max_concurrent), build_scheduler(s, cfg.train.epochs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,15 +160,63 @@ def trainer_class(controller_in_process: bool = False, lean: bool = False) -> ty
         def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
             if not controller_in_process:
                 return super()._initialize_and_run_controller(**controller_init_kwargs)  # type: ignore[misc]  # V2 hook
-            import asyncio
-
             from ray.train.v2._internal.execution.controller import TrainController
 
-            controller = TrainController(**controller_init_kwargs)
-            asyncio.run(controller.run())
-            return controller.get_result()
+            return run_controller_here(TrainController(**controller_init_kwargs))
 
     return LeanTorchTrainer
+
+
+# Set while a Train controller runs in this process's Tune trial thread: the trial's
+# cleanup then waits for that thread (trial.stoppable_trial).
+CONTROLLER_RUNNING_HERE = threading.Event()
+
+
+def controller_running_here() -> bool:
+    # A function, not the Event itself: the trial's trainable class is pickled by value,
+    # and an Event (a lock) cannot be; a module function travels by reference.
+    return CONTROLLER_RUNNING_HERE.is_set()
+
+
+# How often the in-process controller's loop looks at Tune's stop request.
+STOP_POLL_S = 0.05
+
+
+def run_controller_here(controller: Any) -> Any:
+    """Train's controller loop in the calling thread, ended early when Tune stops the trial.
+
+    When Tune stops a trial (ASHA), it sets its session's stop event and ends the trial's
+    actor. Ray's core worker must not shut down under this thread's `ray.wait` (the
+    controller polls its workers with it): that was the "free(): double free" SIGABRT of
+    BENCHMARKS.md section 3. So the loop is cancelled at its next await once the event is
+    set, and the thread ends quietly (SystemExit 0, which Tune's runner thread takes as a
+    clean end), while the trial's cleanup waits for it (trial.stoppable_trial)."""
+    import asyncio
+
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    stop = session.stop_event if session is not None else threading.Event()
+
+    async def until_done_or_stopped() -> bool:
+        run = asyncio.ensure_future(controller.run())
+        while not run.done():
+            if stop.is_set():
+                run.cancel()
+                await asyncio.wait({run})
+                return False
+            await asyncio.wait({run}, timeout=STOP_POLL_S)
+        run.result()      # the controller's own error, if it raised one
+        return True
+
+    CONTROLLER_RUNNING_HERE.set()
+    try:
+        finished = asyncio.run(until_done_or_stopped())
+    finally:
+        CONTROLLER_RUNNING_HERE.clear()
+    if not finished:
+        raise SystemExit(0)
+    return controller.get_result()
 
 
 def user_error_in(err: BaseException) -> UserError | None:

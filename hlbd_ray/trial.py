@@ -20,7 +20,7 @@ from hlbd_ray.banner import actor_banner, name_actor_in_logs
 from hlbd_ray.config import Config, check_heads, from_dict
 from hlbd_ray.params import ARCH_KEY, LR_KEY, REPEAT_KEY, decode_arch
 from hlbd_ray.placement import trial_tag
-from hlbd_ray.trainer import build_trainer, user_error_in
+from hlbd_ray.trainer import build_trainer, controller_running_here, user_error_in
 
 
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
@@ -55,6 +55,38 @@ def relay_drained(queue: Any, timeout_s: float = RELAY_DRAIN_S) -> bool:
         time.sleep(0.05)
     time.sleep(RELAY_SETTLE_S)
     return True
+
+
+# How long a stopped trial's cleanup waits for an in-process Train controller's thread to
+# end: one poll of its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default) and more.
+STOP_JOIN_S = 15.0
+
+
+def stoppable_trial(trial_function: Any) -> type:
+    """The Tune trainable of `trial_function` (what Tune builds from a function itself),
+    whose cleanup waits for a Train controller that runs in the trial's thread.
+
+    Tune's own cleanup does not wait for the trial's thread (`session.finish(timeout=0)`),
+    and then ends the actor: with the controller in that thread, mid `ray.wait`, the
+    actor aborted (BENCHMARKS.md section 3). The thread ends itself once it sees Tune's
+    stop request (trainer.run_controller_here); this waits up to STOP_JOIN_S for it."""
+    from ray.train._internal.session import get_session, shutdown_session
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    class StoppableTrial(wrap_function(trial_function)):  # type: ignore[misc]
+        def cleanup(self) -> None:
+            # FunctionTrainable.cleanup, but for the wait: finish() sets the stop event,
+            # lets a thread waiting on a report go on, and joins it.
+            session = get_session()
+            assert session is not None    # set up with the trainable, ended only here
+            wait_s = STOP_JOIN_S if controller_running_here() else 0
+            try:
+                session.finish(timeout=wait_s)
+            finally:
+                session._report_thread_runner_error()
+                shutdown_session()
+
+    return StoppableTrial
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], data: list[Any], train_storage: str,

@@ -12,7 +12,7 @@ import pytest
 
 from hlbd_ray.params import REPEAT_KEY
 
-from .conftest import REPO, micro_config
+from .conftest import REPO, micro_config, run_job
 
 # Modules the Tune trial's actor must not import for our code: the Train worker is the
 # only process of a trial that trains (torch; numpy comes with Ray Tune itself), and the
@@ -71,7 +71,7 @@ def test_a_lean_trial_starts_no_controller_dataset_or_cleaner_actor(tmp_path: Pa
     code = run_sweep(cfg, data, tmp_path / "lean", Interrupt(), SweepHooks(callbacks=[ActorClasses()]))
     assert code == 0 and seen["status"] == ["TERMINATED", "TERMINATED"]
     classes = {c.split(".")[-1] for c in seen["classes"]}
-    assert {"ImplicitFunc", "RayTrainWorker"} <= classes, classes
+    assert {"StoppableTrial", "RayTrainWorker"} <= classes, classes
     assert not classes & {"TrainController", "DatasetManager", "PlacementGroupCleaner"}, classes
     end = json.loads((tmp_path / "lean" / "sweep_end.json").read_text())
     assert end["placement_groups"]["left"] == 0, end
@@ -105,3 +105,112 @@ def test_a_finished_trial_waits_until_tune_has_taken_trains_last_report():
         assert 0.5 <= time.monotonic() - start < 5
     finally:
         ray.shutdown()
+
+
+# --- the Train controller in the trial's thread, stopped by Tune -------------------------
+
+
+class LoopingController:
+    """A stand-in for Train's controller: an asyncio loop that polls until it is told it
+    is done, blocking between awaits the way `ray.wait` does."""
+
+    def __init__(self, rounds: int | None) -> None:
+        self.rounds, self.polls = rounds, 0
+
+    async def run(self) -> None:
+        import asyncio
+        import time
+
+        while self.rounds is None or self.polls < self.rounds:
+            time.sleep(0.01)          # the blocking poll
+            self.polls += 1
+            await asyncio.sleep(0)
+
+    def get_result(self) -> str:
+        return f"result after {self.polls} polls"
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        import threading
+
+        self.stop_event = threading.Event()
+
+
+def test_an_in_process_controller_runs_to_its_result_while_not_stopped(monkeypatch):
+    import ray.train._internal.session as tune_session
+
+    from hlbd_ray.trainer import controller_running_here, run_controller_here
+
+    monkeypatch.setattr(tune_session, "get_session", FakeSession)
+    assert run_controller_here(LoopingController(rounds=5)) == "result after 5 polls"
+    assert not controller_running_here()
+
+
+def test_tunes_stop_request_ends_an_in_process_controller_quietly(monkeypatch):
+    import threading
+
+    import ray.train._internal.session as tune_session
+
+    from hlbd_ray.trainer import controller_running_here, run_controller_here
+
+    session = FakeSession()
+    monkeypatch.setattr(tune_session, "get_session", lambda: session)
+    controller = LoopingController(rounds=None)
+    ended: list[BaseException] = []
+
+    def trial_thread() -> None:
+        try:
+            run_controller_here(controller)
+        except BaseException as err:   # what Tune's runner thread would see
+            ended.append(err)
+
+    thread = threading.Thread(target=trial_thread, daemon=True)
+    thread.start()
+    while controller.polls < 3:
+        thread.join(0.01)
+    assert controller_running_here()          # so the trial's cleanup will wait for it
+    session.stop_event.set()                  # what Tune's cleanup does first
+    thread.join(10)
+    # The loop never ends by itself: only the stop request ended it, as SystemExit(0),
+    # which Tune's runner thread takes as a clean end, not an error.
+    assert not thread.is_alive()
+    assert len(ended) == 1 and isinstance(ended[0], SystemExit) and ended[0].code == 0
+    assert not controller_running_here()
+
+
+@pytest.mark.slow
+def test_trials_asha_stops_with_their_controller_in_the_trial_end_without_an_abort(tmp_path: Path):
+    """Two trials at a time on a grid: lr 3e-3 and 2e-3 go on at ASHA's rung, and lr 2e-5,
+    1.5e-5, 1.2e-5 and 1e-5 are stopped behind them, most while their Train controllers
+    poll their workers from the trials' threads. Before a trial's cleanup waited for that
+    thread, such stops often aborted the trial actor ("free(): double free", SIGABRT; 6
+    of 8 smoke sweeps here). The actors' own log files are read too: the console gets an
+    actor's last lines only if the driver is still there to take them."""
+    import shutil
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    # Ray's sockets live under its temp folder, whose path must stay short.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    try:
+        sweep = run_job("sweep.py", "--config", str(REPO / "conf" / "smoke.yaml"), f"output_dir={tmp_path}",
+                        "sweep.search=grid", "sweep.num_samples=null", "sweep.space.d_model=[32]",
+                        "sweep.space.num_heads=[4]", "sweep.space.lr_min=1e-5",
+                        "sweep.space.lr_values=[3e-3,2e-3,2e-5,1.5e-5,1.2e-5,1e-5]",
+                        "sweep.controller_in_trial=true", "sweep.confirm.top_k=0",
+                        "data.generated_per_module=20", "train.epochs=2",
+                        env={"RAY_TMPDIR": str(ray_tmp)}, timeout=300)
+        logs = "".join(p.read_text(errors="replace") for p in ray_tmp.rglob("logs/*") if p.is_file())
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    console = sweep.stdout + sweep.stderr
+    assert sweep.returncode == 0, console[-3000:]
+    trials = {t["lr"]: t for t in pq.read_table(tmp_path / "smoke" / "report" / "trials.parquet").to_pylist()}
+    assert trials[1e-5]["epochs_done"] == 1 and max(t["epochs_done"] for t in trials.values()) == 2
+    assert json.loads((tmp_path / "smoke" / "sweep_end.json").read_text())["outcomes"]["STOPPED"] >= 3
+    assert "Tune trial actor" in logs     # the trial actors' logs were read (their banner)
+    for sign in ("double free", "SIGABRT", "Fatal Python error"):
+        assert sign not in console and sign not in logs, sign
+    assert "Traceback" not in console, console[-3000:]
