@@ -10,10 +10,10 @@ a time, on a fresh local Ray cluster of 2 CPUs started the way the sweep starts 
                      loop reports once, relayed to Tune by TuneReportCallback (the pattern
                      Ray documents for Train inside Tune, and the one the sweep uses)
     lean             the same through the sweep's own trainer class with
-                     `sweep.lean_train_actors`: no DatasetManager and no
+                     `sweep.lean_train_actors` (the default): no DatasetManager and no
                      PlacementGroupCleaner actor per run
     lean_in_process  lean, and Train's controller in the trial's own process
-                     (`sweep.controller_in_trial`): the sweep's default since 2026-12-04
+                     (`sweep.controller_in_trial`, off by default)
 
 Per variant: a trial's launch (Tune starts it -> the first line of its body, median),
 its life (start -> end, median), the CPU seconds of the whole process tree per trial

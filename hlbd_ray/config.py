@@ -217,7 +217,7 @@ class SweepConfig:
     # the controller used to be still polling its workers (ray.wait) when Tune ended a
     # stopped trial's actor, which aborted ("free(): double free", SIGABRT); a stopped
     # trial now ends that thread first (trial.stoppable_trial, BENCHMARKS.md section 3).
-    controller_in_trial: bool = True
+    controller_in_trial: bool = False
     lean_train_actors: bool = True
     # Tune's actor reuse between trials.
     reuse_actors: bool = False
