@@ -10,10 +10,10 @@ a time, on a fresh local Ray cluster of 2 CPUs started the way the sweep starts 
                      loop reports once, relayed to Tune by TuneReportCallback (the pattern
                      Ray documents for Train inside Tune, and the one the sweep uses)
     lean             the same through the sweep's own trainer class with
-                     `sweep.lean_train_actors` (the default): no DatasetManager and no
+                     `sweep.lean_train_actors`: no DatasetManager and no
                      PlacementGroupCleaner actor per run
     lean_in_process  lean, and Train's controller in the trial's own process
-                     (`sweep.controller_in_trial`, off by default)
+                     (`sweep.controller_in_trial`; both switches on: the sweep's default)
 
 Per variant: a trial's launch (Tune starts it -> the first line of its body, median),
 its life (start -> end, median), the CPU seconds of the whole process tree per trial
@@ -68,10 +68,10 @@ def train_trial(config: dict[str, Any], variant: str, storage: str, worker_cpu: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from hlbd_ray.trainer import trainer_class
-    from hlbd_ray.trial import relay_drained
+    from hlbd_ray.trial import relay_drained, tune_stop_event
 
     switches = TRAINER[variant]
-    relay = TuneReportCallback()
+    relay, stop = TuneReportCallback(), tune_stop_event()
     callbacks: list[Any] = [relay]   # a Train callback (mypy sees Train V1's RunConfig)
     cls = TorchTrainer if switches is None else trainer_class(*switches)
     trainer = cls(report_body_start,
@@ -81,7 +81,7 @@ def train_trial(config: dict[str, Any], variant: str, storage: str, worker_cpu: 
     trainer.fit()
     # Without this wait Ray 2.60 can deadlock here (a trial of this bench's lean_in_process
     # variant did: Tune's thread stuck in Queue.put); see hlbd_ray.trial.relay_drained.
-    relay_drained(relay._training_actor_item_queue)
+    relay_drained(relay._training_actor_item_queue, stop)
 
 
 def run_variant(variant: str, trials: int, out: Path) -> dict[str, Any]:

@@ -216,8 +216,9 @@ class SweepConfig:
     # Both override private Ray Train hooks (trainer.trainer_class). In the trial's thread
     # the controller used to be still polling its workers (ray.wait) when Tune ended a
     # stopped trial's actor, which aborted ("free(): double free", SIGABRT); a stopped
-    # trial now ends that thread first (trial.stoppable_trial, BENCHMARKS.md section 3).
-    controller_in_trial: bool = False
+    # trial now ends that thread first (trial.stoppable_trial, trial.joined_on_stop,
+    # BENCHMARKS.md section 3). False: the controller is an actor of its own, as in stock Ray.
+    controller_in_trial: bool = True
     lean_train_actors: bool = True
     # Tune's actor reuse between trials.
     reuse_actors: bool = False

@@ -156,13 +156,17 @@ class ReportAggregator(Callback):
         Tune appends each result to the trial's result.json as it arrives, so the log can
         hold results that neither Tune's saved state nor our last write had yet; the
         trial's Train run will not send them again (it resumes after its checkpoint).
-        Replayed through the same ingest, the first line (batch 0) resets the trial and
-        the rest rebuild it exactly as it was received.
+        The log is replayed through the same ingest into a trial of its own, adopted only
+        if it holds more than the state and files did: a restored driver reads the copy
+        Tune synced to storage with its experiment state, which can be older than our
+        files (seen: a resumed sweep on S3 whose trial lost its first two epochs).
         """
-        self._replayed.add(trial.trial_id)
+        tid = trial.trial_id
+        self._replayed.add(tid)
         path = Path(getattr(trial, "local_path", None) or "", "result.json")
         if not path.is_file():
             return
+        replayed, last = TrialCurves(tid, self.store.points), None
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             try:
                 result = json.loads(line)
@@ -171,7 +175,16 @@ class ReportAggregator(Callback):
                 logger.warning("report: skipping unreadable line %d of %s", number, path)
                 continue
             if "batch_losses" in result:
-                self.add_result(trial, result)
+                replayed.ingest(result)
+                last = result
+        current = self.store.trials.get(tid)
+        if last is None or (current is not None and _progress(replayed) <= _progress(current)):
+            return
+        self.store.adopt(replayed)
+        self._info(trial).status = "RUNNING"
+        self._latest[tid] = last
+        self._pending.update(("curves", "epochs", "modules"))
+        self._touch(tid)
 
     def _settle(self) -> None:
         for tid, result in self._latest.items():

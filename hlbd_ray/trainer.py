@@ -167,17 +167,6 @@ def trainer_class(controller_in_process: bool = False, lean: bool = False) -> ty
     return LeanTorchTrainer
 
 
-# Set while a Train controller runs in this process's Tune trial thread: the trial's
-# cleanup then waits for that thread (trial.stoppable_trial).
-CONTROLLER_RUNNING_HERE = threading.Event()
-
-
-def controller_running_here() -> bool:
-    # A function, not the Event itself: the trial's trainable class is pickled by value,
-    # and an Event (a lock) cannot be; a module function travels by reference.
-    return CONTROLLER_RUNNING_HERE.is_set()
-
-
 # How often the in-process controller's loop looks at Tune's stop request.
 STOP_POLL_S = 0.05
 
@@ -190,7 +179,7 @@ def run_controller_here(controller: Any) -> Any:
     controller polls its workers with it): that was the "free(): double free" SIGABRT of
     BENCHMARKS.md section 3. So the loop is cancelled at its next await once the event is
     set, and the thread ends quietly (SystemExit 0, which Tune's runner thread takes as a
-    clean end), while the trial's cleanup waits for it (trial.stoppable_trial)."""
+    clean end), while the trial's cleanup waits for it (trial.joined_on_stop)."""
     import asyncio
 
     from ray.train._internal.session import get_session
@@ -209,12 +198,7 @@ def run_controller_here(controller: Any) -> Any:
         run.result()      # the controller's own error, if it raised one
         return True
 
-    CONTROLLER_RUNNING_HERE.set()
-    try:
-        finished = asyncio.run(until_done_or_stopped())
-    finally:
-        CONTROLLER_RUNNING_HERE.clear()
-    if not finished:
+    if not asyncio.run(until_done_or_stopped()):
         raise SystemExit(0)
     return controller.get_result()
 

@@ -299,6 +299,33 @@ def test_a_restored_trial_is_rebuilt_from_tunes_result_log(tmp_path: Path) -> No
     same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
 
 
+def test_a_tune_log_older_than_the_files_does_not_roll_the_trial_back(tmp_path: Path) -> None:
+    """On remote storage the restored driver reads the result.json Tune synced with its
+    experiment state, which can be older than our files. Replayed into the trial, its
+    first line (batch 0) used to reset it to that older log: the epochs the files held
+    were lost, and the Train run, resuming after its checkpoint, never sent them again."""
+    stream = long_stream()
+    log_dir = tmp_path / "tune_trial"
+    log_dir.mkdir()
+    trial = FakeTrial("t", {"lr": 0.01})
+    trial.local_path = str(log_dir)  # type: ignore[attr-defined]
+    agg = ReportAggregator(tmp_path / "restored", 7, every_s=1e9)
+    pickled_at_start = pickle.dumps(agg)
+    run(agg, trial, stream[:3])
+    state = pickle.loads(pickle.dumps(agg.get_state()))      # Tune's state and log: 3 reports
+    (log_dir / "result.json").write_text("\n".join(json.dumps(r) for r in stream[:3]) + "\n")
+    checkpoint_at = epoch_start(stream, 2)
+    run(agg, trial, stream[3:checkpoint_at])
+    assert agg.flush()                                         # our files: epochs 0 and 1
+    agg2 = pickle.loads(pickled_at_start)
+    agg2.set_state(state)
+    agg2.setup()
+    agg2.on_trial_start(0, [trial], trial)
+    assert sorted(agg2.store.trials["t"].summaries) == [0, 1]
+    run(agg2, trial, stream[checkpoint_at:])                   # resumes after epoch 1
+    same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
+
+
 def test_rebuild_from_parquet_then_continue(tmp_path: Path) -> None:
     stream = long_stream()
     trial = FakeTrial("t", {"lr": 0.01})

@@ -91,20 +91,65 @@ def test_a_finished_trial_waits_until_tune_has_taken_trains_last_report():
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        relay = Queue(1, actor_options={"num_cpus": 0})
+        relay, stop = Queue(1, actor_options={"num_cpus": 0}), threading.Event()
         relay.put({"epoch": 3})
         taker = threading.Timer(0.5, relay.get)
         start = time.monotonic()
         taker.start()
-        assert relay_drained(relay, timeout_s=30)
+        assert relay_drained(relay, stop, timeout_s=30)
         assert time.monotonic() - start >= 0.5 + RELAY_SETTLE_S and relay.empty()
         taker.join()
         relay.put({"epoch": 4})           # nobody takes this one: bounded, and says so
         start = time.monotonic()
-        assert not relay_drained(relay, timeout_s=0.5)
+        assert not relay_drained(relay, stop, timeout_s=0.5)
         assert 0.5 <= time.monotonic() - start < 5
+        threading.Timer(0.3, stop.set).start()      # Tune stops the trial: no wait for the timeout
+        start = time.monotonic()
+        assert not relay_drained(relay, stop, timeout_s=30)
+        assert time.monotonic() - start < 5
     finally:
         ray.shutdown()
+
+
+class FakeRelay:
+    """TuneReportCallback's queue, already drained by Tune's thread."""
+
+    def empty(self) -> bool:
+        return True
+
+
+class FakeResult:
+    metrics = {"epoch": 2, "epochs_done": 3, "batches": 90, "batch_losses": [2.0], "val_loss": 1.5}
+    checkpoint = None
+
+
+def test_a_finished_trial_reports_trains_last_record_once_more(monkeypatch):
+    import threading
+
+    from hlbd_ray import trial
+
+    sent: list[dict] = []
+    monkeypatch.setattr(trial.tune, "report", sent.append)
+    trial.report_final(FakeResult(), FakeRelay(), threading.Event(), "t1")
+    assert sent == [{"epoch": 2, "epochs_done": 3, "batches": 90, "batch_losses": [], "batch_start": 90,
+                     "val_loss": 1.5}]
+
+
+def test_a_stopped_trial_reports_nothing_more_and_ends_quietly(monkeypatch):
+    """ASHA stops every trial at its last epoch, as its Train run ends: the trial thread
+    must not report into the session Tune is shutting down (Ray warned on the console that
+    `report` was called outside a Tune session)."""
+    import threading
+
+    from hlbd_ray import trial
+
+    sent: list[dict] = []
+    monkeypatch.setattr(trial.tune, "report", sent.append)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(SystemExit) as ended:
+        trial.report_final(FakeResult(), FakeRelay(), stop, "t1")
+    assert ended.value.code == 0 and sent == []
 
 
 # --- the Train controller in the trial's thread, stopped by Tune -------------------------
@@ -140,11 +185,10 @@ class FakeSession:
 def test_an_in_process_controller_runs_to_its_result_while_not_stopped(monkeypatch):
     import ray.train._internal.session as tune_session
 
-    from hlbd_ray.trainer import controller_running_here, run_controller_here
+    from hlbd_ray.trainer import run_controller_here
 
     monkeypatch.setattr(tune_session, "get_session", FakeSession)
     assert run_controller_here(LoopingController(rounds=5)) == "result after 5 polls"
-    assert not controller_running_here()
 
 
 def test_tunes_stop_request_ends_an_in_process_controller_quietly(monkeypatch):
@@ -152,7 +196,8 @@ def test_tunes_stop_request_ends_an_in_process_controller_quietly(monkeypatch):
 
     import ray.train._internal.session as tune_session
 
-    from hlbd_ray.trainer import controller_running_here, run_controller_here
+    from hlbd_ray.trainer import run_controller_here
+    from hlbd_ray.trial import joined_on_stop, trial_thread_to_join
 
     session = FakeSession()
     monkeypatch.setattr(tune_session, "get_session", lambda: session)
@@ -161,7 +206,8 @@ def test_tunes_stop_request_ends_an_in_process_controller_quietly(monkeypatch):
 
     def trial_thread() -> None:
         try:
-            run_controller_here(controller)
+            with joined_on_stop(True):
+                run_controller_here(controller)
         except BaseException as err:   # what Tune's runner thread would see
             ended.append(err)
 
@@ -169,14 +215,14 @@ def test_tunes_stop_request_ends_an_in_process_controller_quietly(monkeypatch):
     thread.start()
     while controller.polls < 3:
         thread.join(0.01)
-    assert controller_running_here()          # so the trial's cleanup will wait for it
+    assert trial_thread_to_join()             # so the trial's cleanup will wait for it
     session.stop_event.set()                  # what Tune's cleanup does first
     thread.join(10)
     # The loop never ends by itself: only the stop request ended it, as SystemExit(0),
     # which Tune's runner thread takes as a clean end, not an error.
     assert not thread.is_alive()
     assert len(ended) == 1 and isinstance(ended[0], SystemExit) and ended[0].code == 0
-    assert not controller_running_here()
+    assert not trial_thread_to_join()
 
 
 @pytest.mark.slow
@@ -211,6 +257,7 @@ def test_trials_asha_stops_with_their_controller_in_the_trial_end_without_an_abo
     assert trials[1e-5]["epochs_done"] == 1 and max(t["epochs_done"] for t in trials.values()) == 2
     assert json.loads((tmp_path / "smoke" / "sweep_end.json").read_text())["outcomes"]["STOPPED"] >= 3
     assert "Tune trial actor" in logs     # the trial actors' logs were read (their banner)
-    for sign in ("double free", "SIGABRT", "Fatal Python error"):
+    # The last: a trial's thread reporting after Tune shut its session down (at max_t).
+    for sign in ("double free", "SIGABRT", "Fatal Python error", "is meant to only be called inside"):
         assert sign not in console and sign not in logs, sign
     assert "Traceback" not in console, console[-3000:]
