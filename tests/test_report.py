@@ -276,25 +276,37 @@ def test_restore_through_tune_state_with_a_replay(tmp_path: Path) -> None:
     same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
 
 
-def test_a_restored_trial_is_rebuilt_from_tunes_result_log(tmp_path: Path) -> None:
-    """The driver died after results reached Tune's log but before any state or file of
-    ours held them; the Train run resumes after its checkpoint and never resends them."""
-    stream = long_stream()
+def logged_trial(tmp_path: Path) -> tuple[FakeTrial, Path, ReportAggregator, bytes]:
+    """A trial with a Tune log folder, its aggregator, and that aggregator as Tuner
+    pickled it at the start."""
     log_dir = tmp_path / "tune_trial"
     log_dir.mkdir()
     trial = FakeTrial("t", {"lr": 0.01})
     trial.local_path = str(log_dir)  # type: ignore[attr-defined]
     agg = ReportAggregator(tmp_path / "restored", 7, every_s=1e9)
-    pickled_at_start = pickle.dumps(agg)
+    return trial, log_dir / "result.json", agg, pickle.dumps(agg)
+
+
+def restored(pickled_at_start: bytes, state: dict, trial: FakeTrial) -> ReportAggregator:
+    """Tune's restore of the driver: the pickled callback, its saved state, the trial's restart."""
+    agg = pickle.loads(pickled_at_start)
+    agg.set_state(state)
+    agg.setup()
+    agg.on_trial_start(0, [trial], trial)
+    return agg
+
+
+def test_a_restored_trial_is_rebuilt_from_tunes_result_log(tmp_path: Path) -> None:
+    """The driver died after results reached Tune's log but before any state or file of
+    ours held them; the Train run resumes after its checkpoint and never resends them."""
+    stream = long_stream()
+    trial, log, agg, pickled_at_start = logged_trial(tmp_path)
     run(agg, trial, stream[:3])
     state = pickle.loads(pickle.dumps(agg.get_state()))      # saved early: 3 reports
     checkpoint_at = epoch_start(stream, 2)
     lines = [json.dumps(r) for r in stream[:checkpoint_at]]   # Tune logged up to there
-    (log_dir / "result.json").write_text("\n".join(lines) + '\n{"batch_losses": [1.0, ')
-    agg2 = pickle.loads(pickled_at_start)
-    agg2.set_state(state)
-    agg2.setup()
-    agg2.on_trial_start(0, [trial], trial)
+    log.write_text("\n".join(lines) + '\n{"batch_losses": [1.0, ')
+    agg2 = restored(pickled_at_start, state, trial)
     run(agg2, trial, stream[checkpoint_at:])                   # resumes after epoch 1
     same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
 
@@ -305,22 +317,14 @@ def test_a_tune_log_older_than_the_files_does_not_roll_the_trial_back(tmp_path: 
     first line (batch 0) used to reset it to that older log: the epochs the files held
     were lost, and the Train run, resuming after its checkpoint, never sent them again."""
     stream = long_stream()
-    log_dir = tmp_path / "tune_trial"
-    log_dir.mkdir()
-    trial = FakeTrial("t", {"lr": 0.01})
-    trial.local_path = str(log_dir)  # type: ignore[attr-defined]
-    agg = ReportAggregator(tmp_path / "restored", 7, every_s=1e9)
-    pickled_at_start = pickle.dumps(agg)
+    trial, log, agg, pickled_at_start = logged_trial(tmp_path)
     run(agg, trial, stream[:3])
     state = pickle.loads(pickle.dumps(agg.get_state()))      # Tune's state and log: 3 reports
-    (log_dir / "result.json").write_text("\n".join(json.dumps(r) for r in stream[:3]) + "\n")
+    log.write_text("\n".join(json.dumps(r) for r in stream[:3]) + "\n")
     checkpoint_at = epoch_start(stream, 2)
     run(agg, trial, stream[3:checkpoint_at])
     assert agg.flush()                                         # our files: epochs 0 and 1
-    agg2 = pickle.loads(pickled_at_start)
-    agg2.set_state(state)
-    agg2.setup()
-    agg2.on_trial_start(0, [trial], trial)
+    agg2 = restored(pickled_at_start, state, trial)
     assert sorted(agg2.store.trials["t"].summaries) == [0, 1]
     run(agg2, trial, stream[checkpoint_at:])                   # resumes after epoch 1
     same_report(finish(agg2, trial), uninterrupted(tmp_path, stream))
