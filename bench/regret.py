@@ -31,7 +31,7 @@ Every sweep is jobs/sweep.py attached to one local cluster of 2 CPUs that the be
     python bench/regret.py                # ~15 minutes on 2 cores, +4-5 per search seed (BENCHMARKS.md section 9)
     python bench/regret.py --out DIR --search-seeds 4   # the ground truth in DIR reused
     python bench/regret.py --out DIR2 --set sweep.rung_min_peers=2   # DIR2/truth*: links to DIR's
-    python bench/regret.py --smoke --json # a 2-config micro space: 3 sweeps, 4 rounds of trials, 58-61 s
+    python bench/regret.py --smoke --json # a 2-config micro space: 3 sweeps, 4 rounds of trials, ~1 min
 
 bench/regret_replay.py replays the search over hundreds of seeds from the ground truth's
 recorded epochs, without training: 4 real search seeds cannot tell two settings apart.
