@@ -8,6 +8,7 @@
 # Needs no Ray. Results: the printed tables and one JSON per run under $OUT_DIR.
 #
 #   bash bench/gpu.sh            # PYTHON=python3.12 OUT_DIR=/tmp/gpu bash bench/gpu.sh
+#   WHEELS=wheels bash bench/gpu.sh   # offline: omegaconf, tqdm, numpy from a folder of wheels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,9 +26,10 @@ fi
 # small pure-Python packages besides torch (Ray and pyarrow are not needed).
 missing=$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("omegaconf", "tqdm", "numpy") if u.find_spec(m) is None))')
 if [ -n "$missing" ]; then
-    echo "gpu.sh: installing $missing"
-    if ! "$PY" -m pip install -q $missing; then
-        echo "gpu.sh: could not install $missing (no network?); install them and rerun" >&2
+    # WHEELS: a folder of wheels for a machine without network (pip download them elsewhere).
+    echo "gpu.sh: installing $missing${WHEELS:+ from $WHEELS}"
+    if ! "$PY" -m pip install -q ${WHEELS:+--no-index --find-links "$WHEELS"} $missing; then
+        echo "gpu.sh: could not install $missing (no network? set WHEELS to a folder of wheels); install them and rerun" >&2
         exit 1
     fi
 fi
