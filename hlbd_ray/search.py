@@ -16,12 +16,12 @@ from typing import Any
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
-from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import Repeater
 
 from hlbd_ray.config import SpaceConfig, SweepConfig, sampled_configs, space_pairs
 from hlbd_ray.params import ARCH_KEY, LR_KEY, REPEAT_KEY, STAGE_KEY, decode_arch  # noqa: F401  (re-exported)
+from hlbd_ray.search_restore import RestoredVariantGenerator
 
 
 def valid_pairs(space: SpaceConfig) -> list[str]:
@@ -147,8 +147,17 @@ class EpochOptunaSearch(OptunaSearch):
         return [dict(zip(names, values)) for values in itertools.product(*(space[n].choices for n in names))]
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if result.get(self.metric) is not None:
+        if result.get(self.metric) is not None and self._knows(trial_id):
             super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._knows(trial_id):
+            super().on_trial_complete(trial_id, result, error)
+
+    def _knows(self, trial_id: str) -> bool:
+        """Whether Optuna asked for this trial. A resumed sweep can run a trial created
+        after the searcher's state was saved (see search_restore): nothing to tell."""
+        return trial_id in self._ot_trials
 
 
 def _config_key(params: dict | None) -> tuple:
@@ -213,9 +222,9 @@ class EpochASHA(AsyncHyperBandScheduler):
 def build_searcher(sweep: SweepConfig, max_concurrent: int) -> Any:
     """Tune's basic generator (random, grid) or Optuna TPE, all seeded by sweep.seed.
 
-    The basic generator must get the concurrency limit itself: Tune ignores
-    TuneConfig.max_concurrent_trials for it (only a warning), and running more trials
-    than the CPUs hold starves their Train workers.
+    The basic generator limits concurrency itself; search_restore.restorable_search puts
+    the limit on the others. Running more trials than the CPUs hold starves their Train
+    workers.
     """
     if sweep.search == "optuna":
         # metric and mode come from TuneConfig (Tune refuses them in two places).
@@ -230,7 +239,7 @@ def build_searcher(sweep: SweepConfig, max_concurrent: int) -> Any:
         quiet_optuna()
         searcher = EpochOptunaSearch(sampler=RandomSampler(seed=sweep.seed), fallback_seed=sweep.seed)
     else:
-        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent)
+        return RestoredVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent)
     return SeedRepeater(searcher, repeat=sweep.repeats) if sweep.repeats > 1 else searcher
 
 
@@ -239,11 +248,6 @@ def quiet_optuna() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def uses_basic_generator(sweep: SweepConfig) -> bool:
-    """Whether build_searcher returns Tune's basic generator (which limits concurrency itself)."""
-    return sweep.search == "grid" or (sweep.search == "random" and sweep.repeats == 1)
 
 
 def build_scheduler(sweep: SweepConfig, max_epochs: int) -> Any:

@@ -16,7 +16,6 @@ from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from hlbd_ray import live
 from hlbd_ray.capacity import check_placeable
@@ -35,8 +34,8 @@ from hlbd_ray.search import (
     num_trials,
     param_space,
     search_trials,
-    uses_basic_generator,
 )
+from hlbd_ray.search_restore import RestoredVariantGenerator, restorable_search
 from hlbd_ray.summary import finish
 from hlbd_ray.trainer import preflight, retained_checkpoints, runs_that_fit, storage_join, with_cluster_precision
 from hlbd_ray.trial import run_trial, stoppable_trial, trial_config  # noqa: F401  (trial_config: part of this module's interface)
@@ -104,17 +103,15 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
     trainable = stoppable_trial(tune.with_resources(trainable, {"cpu": DRIVER_CPU}))
     if candidates is None:
         storage, name, space = cfg.resolved_storage_path(), s.name, param_space(s)
-        search_alg, scheduler = build_searcher(s, resources.max_concurrent), build_scheduler(s, cfg.train.epochs)
-        num_samples, budget = num_trials(s), s.time_budget_s or None
-        # The basic generator enforces the limit itself (see build_searcher).
-        limit = None if uses_basic_generator(s) else resources.max_concurrent
+        search_alg = restorable_search(build_searcher(s, resources.max_concurrent), resources.max_concurrent)
+        scheduler, num_samples, budget = build_scheduler(s, cfg.train.epochs), num_trials(s), s.time_budget_s or None
     else:
         # Its own (storage_path, name) pair rather than a name with a slash: a restored
         # experiment named "sweep/confirm" persisted its new trials nowhere (seen on Ray 2.60).
         storage, name = experiment, CONFIRM_DIR
         space = confirm_space(candidates, first_copy=s.repeats, seeds=s.confirm.seeds)
-        search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=resources.max_concurrent)
-        scheduler, num_samples, budget, limit = FIFOScheduler(), 1, None, None
+        search_alg = RestoredVariantGenerator(random_state=s.seed, max_concurrent=resources.max_concurrent)
+        scheduler, num_samples, budget = FIFOScheduler(), 1, None
     path = storage_join(storage, name)
     if tune.Tuner.can_restore(path):
         stage = "the sweep" if candidates is None else "the confirmation"
@@ -123,7 +120,7 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
                                   resume_errored=True, param_space=space)
     tune_config = tune.TuneConfig(
         metric=s.metric, mode=str(s.mode), num_samples=num_samples, search_alg=search_alg,
-        scheduler=scheduler, max_concurrent_trials=limit, time_budget_s=budget,
+        scheduler=scheduler, time_budget_s=budget,
         trial_dirname_creator=lambda trial: trial.trial_id, reuse_actors=s.reuse_actors)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config,
                       run_config=run_config(s, storage, name, callbacks))

@@ -1,0 +1,151 @@
+"""A resumed sweep's search agrees with its trials when Tune's saved search state is older
+or newer than its saved trials (a driver killed between their uploads; seen on S3).
+
+The trials here are Tune's own, created by the search algorithms, and the experiment state
+is written from their own `get_json_state`, as Tune writes it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.tune.experiment import Experiment
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from hlbd_ray.config import SweepConfig
+from hlbd_ray.search import build_searcher, param_space
+from hlbd_ray.search_restore import RestoredSearchGenerator, RestoredVariantGenerator, restorable_search, saved_trials
+
+SAMPLES = 4
+
+
+def started(search: Any, sweep: SweepConfig) -> Any:
+    """`search` as Tune starts it: the sweep's space and its num_samples."""
+    search.set_search_properties(sweep.metric, str(sweep.mode), param_space(sweep))
+    search.add_configurations([Experiment("x", run=lambda config: None, config=param_space(sweep),
+                                          num_samples=SAMPLES)])
+    return search
+
+
+def save_trials(folder: Path, trials: list[Any], finished: dict[str, dict]) -> None:
+    """Tune's experiment state file for `trials`; those in `finished` (-> last result)
+    TERMINATED, the others RUNNING."""
+    data = []
+    for trial in trials:
+        trial.set_status("TERMINATED" if trial.trial_id in finished else "RUNNING")
+        trial.run_metadata.last_result = finished.get(trial.trial_id, {})
+        data.append(list(trial.get_json_state()))
+    (folder / "experiment_state-2026-12-04_16-24-22.json").write_text(json.dumps({"trial_data": data}))
+
+
+def resumed(search: Any, folder: Path) -> Any:
+    search.restore_from_dir(str(folder))
+    return search
+
+
+def run_out(search: Any, unfinished: list[Any], limit: int = 20) -> list[str]:
+    """Tune's loop after a resume: the unfinished trials complete, then every trial the
+    search creates, until it says it is finished. Returns the new trials' ids; fails if
+    the search neither creates a trial nor finishes (where Tune waits forever)."""
+    for trial in unfinished:
+        search.on_trial_complete(trial.trial_id, result={"val_loss": 2.0})
+    new = []
+    for _ in range(limit):
+        trial = search.next_trial()
+        if trial is None:
+            assert search.is_finished(), "no trial to run, and the search is not finished: Tune waits forever"
+            return new
+        new.append(trial.trial_id)
+        search.on_trial_complete(trial.trial_id, result={"val_loss": 2.0})
+    raise AssertionError(f"more than {limit} trials")
+
+
+def test_saved_trials_reads_the_newest_experiment_state(tmp_path):
+    sweep = SweepConfig(search="random")
+    search = started(build_searcher(sweep, 2), sweep)
+    a, b = search.next_trial(), search.next_trial()
+    save_trials(tmp_path, [a], {a.trial_id: {"val_loss": 1.5}})
+    (tmp_path / "experiment_state-2026-12-04_16-24-22.json").rename(tmp_path / "experiment_state-2026-12-04_16-00-00.json")
+    save_trials(tmp_path, [a, b], {a.trial_id: {"val_loss": 1.0}})
+    trials = saved_trials(tmp_path)
+    assert {tid: (t.status, t.last_result.get("val_loss")) for tid, t in trials.items()} == {
+        a.trial_id: ("TERMINATED", 1.0), b.trial_id: ("RUNNING", None)}
+    assert saved_trials(tmp_path / "absent") == {}
+
+
+def test_a_generator_state_older_than_the_trials_neither_hangs_nor_creates_a_trial_twice(tmp_path):
+    def fresh(cls: type) -> Any:
+        sweep = SweepConfig(search="random", seed=5)
+        return started(cls(random_state=sweep.seed, max_concurrent=2), sweep)
+
+    search = fresh(RestoredVariantGenerator)
+    a, b = search.next_trial(), search.next_trial()
+    assert search.next_trial() is None                 # two at once
+    search.save_to_dir(str(tmp_path), "s")             # the upload that lagged
+    search.on_trial_complete(a.trial_id)
+    c = search.next_trial()
+    search.on_trial_complete(b.trial_id)
+    d = search.next_trial()
+    save_trials(tmp_path, [a, b, c, d], {a.trial_id: {}, b.trial_id: {}})
+
+    # Tune's own generator counts a and b as running for ever: it waits for a free slot.
+    stock = resumed(fresh(BasicVariantGenerator), tmp_path)
+    for trial in (c, d):
+        stock.on_trial_complete(trial.trial_id)
+    assert stock.next_trial() is None and not stock.is_finished()
+
+    # Ours runs c and d, creates none of the four again, and finishes.
+    assert run_out(resumed(fresh(RestoredVariantGenerator), tmp_path), [c, d]) == []
+
+
+def test_a_generator_state_newer_than_the_trials_does_not_wait_for_a_trial_never_saved(tmp_path):
+    sweep = SweepConfig(search="random", seed=5)
+    search = started(build_searcher(sweep, 1), sweep)
+    a = search.next_trial()
+    save_trials(tmp_path, [a], {})                     # the trials' upload that lagged
+    search.on_trial_complete(a.trial_id)
+    b = search.next_trial()                            # created after it
+    search.save_to_dir(str(tmp_path), "s")
+
+    # Tune's own generator waits for b, which no longer exists.
+    stock = resumed(started(BasicVariantGenerator(random_state=sweep.seed, max_concurrent=1), sweep), tmp_path)
+    stock.on_trial_complete(a.trial_id)
+    assert stock.next_trial() is None and not stock.is_finished()
+
+    # Ours runs a again; b's config is lost with the trials' state, the other two run.
+    new = run_out(resumed(started(build_searcher(sweep, 1), sweep), tmp_path), [a])
+    assert len(new) == 2 and not {a.trial_id, b.trial_id} & set(new)
+
+
+def test_an_optuna_state_older_than_the_trials_learns_their_results_and_finishes(tmp_path):
+    sweep = SweepConfig(search="optuna", seed=2, startup_trials=2)
+
+    def fresh(stock: bool = False) -> Any:
+        searcher = build_searcher(sweep, 2)
+        search = SearchGenerator(ConcurrencyLimiter(searcher, 2)) if stock else restorable_search(searcher, 2)
+        return started(search, sweep)
+
+    search = fresh()
+    assert isinstance(search, RestoredSearchGenerator)
+    a, b = search.next_trial(), search.next_trial()
+    assert search.next_trial() is None
+    search.save_to_dir(str(tmp_path), "s")
+    search.on_trial_complete(a.trial_id, result={"val_loss": 1.0})
+    c = search.next_trial()
+    search.on_trial_complete(b.trial_id, result={"val_loss": 3.0})
+    d = search.next_trial()
+    save_trials(tmp_path, [a, b, c, d], {a.trial_id: {"val_loss": 1.0}, b.trial_id: {"val_loss": 3.0}})
+    result = {"val_loss": 2.0, "training_iteration": 1}
+
+    stock = resumed(fresh(stock=True), tmp_path)
+    assert stock.next_trial() is None and not stock.is_finished()
+
+    ours = resumed(fresh(), tmp_path)
+    # c is unknown to the restored Optuna (Tune's OptunaSearch raises KeyError): nothing to tell.
+    ours.on_trial_result(c.trial_id, result)
+    assert run_out(ours, [c, d]) == []                  # all four exist: finished
+    study = ours.searcher.searcher._ot_study
+    assert sorted(t.value for t in study.get_trials(states=(TrialState.COMPLETE,))) == [1.0, 3.0]
