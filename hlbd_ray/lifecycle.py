@@ -105,9 +105,9 @@ def resume_hint(reason: str) -> str:
 
 
 class StallWatchdog(LiveCallback):
-    """Stops the sweep when no trial has reported for the stall timeout while trials
-    are pending or running: it prints what is waiting on what, then asks for Tune's
-    graceful stop with exit code EXIT_STALLED."""
+    """Stops the sweep when no trial has reported for the stall timeout: while trials
+    are pending or running, it prints what is waiting on what; with none, that the search
+    created no trial. Then it asks for Tune's graceful stop with exit code EXIT_STALLED."""
 
     live_name = "watchdog"
 
@@ -148,11 +148,19 @@ class StallWatchdog(LiveCallback):
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         waiting = [t for t in trials if t.status in ("RUNNING", "PENDING", "PAUSED")]
         quiet_s = time.monotonic() - self.last_progress
-        if self.fired or not waiting or quiet_s <= self.timeout_s():
+        if self.fired or quiet_s <= self.timeout_s():
             return
         self.fired = True
-        print(self.diagnosis(waiting, quiet_s), file=sys.stderr, flush=True)
+        # Nothing waiting, yet Tune stepped on: the search algorithm neither created a
+        # trial nor finished. Tune waits for one in 600 s blocks, so this shows after one.
+        diagnosis = self.diagnosis(waiting, quiet_s) if waiting else self.no_trial_diagnosis(trials, quiet_s)
+        print(diagnosis, file=sys.stderr, flush=True)
         self.interrupt.request("stalled", EXIT_STALLED)
+
+    def no_trial_diagnosis(self, trials: list, quiet_s: float) -> str:
+        return (f"sweep stalled: no trial running or pending for {quiet_s:.0f} s (stall timeout "
+                f"{self.timeout_s():.0f} s), and the search algorithm neither created one nor "
+                f"finished; {len(trials)} trials created so far")
 
     def diagnosis(self, waiting: list, quiet_s: float) -> str:
         lines = [f"sweep stalled: no trial reported for {quiet_s:.0f} s "

@@ -17,9 +17,9 @@ import ray
 from hlbd_ray.config import load_config
 from hlbd_ray.console import SweepStatus, status_line
 from hlbd_ray.data import prepare_data
-from hlbd_ray.errors import EXIT_USER_ERROR, UserError, run_cli
+from hlbd_ray.errors import EXIT_STALLED, EXIT_USER_ERROR, UserError, run_cli
 from hlbd_ray.generate import Decoder
-from hlbd_ray.lifecycle import STALL_FLOOR_S
+from hlbd_ray.lifecycle import STALL_FLOOR_S, Interrupt, StallWatchdog, SweepInterrupted
 from hlbd_ray.search import REPEAT_KEY
 from hlbd_ray.sweep import (
     DRIVER_CPU,
@@ -89,6 +89,24 @@ def test_trains_worker_start_timeout_follows_the_sweeps_stall_timeout():
     assert cfg.sweep.stall_timeout_s == 0 and start_timeout_s(cfg.sweep) == STALL_FLOOR_S > 60
     waits = load_config(str(REPO / "conf" / "smoke.yaml"), ["sweep.stall_timeout_s=900"])
     assert start_timeout_s(waits.sweep) == 900
+
+
+def test_the_watchdog_stops_a_sweep_whose_search_creates_no_trial_and_never_finishes(capsys):
+    # Tune waits for the search's next trial 600 s at a time, in a loop (seen when a
+    # resumed search's state lagged its trials): no trial waits, so no report is missed.
+    class Trial:
+        def __init__(self, status: str):
+            self.trial_id, self.status = "t", status
+
+    watchdog = StallWatchdog(Interrupt(), stall_timeout_s=30)
+    done = [Trial("TERMINATED"), Trial("ERROR")]
+    watchdog.on_step_end(1, done)                     # just finished: not quiet yet
+    watchdog.last_progress -= 31
+    with pytest.raises(SweepInterrupted) as stopped:
+        watchdog.on_step_end(2, done)
+    assert stopped.value.code == EXIT_STALLED
+    assert ("no trial running or pending for 31 s (stall timeout 30 s), and the search algorithm "
+            "neither created one nor finished; 2 trials created so far") in capsys.readouterr().err
 
 
 def test_trains_checkpoint_record_maps_epochs_and_names_an_unreadable_one(tmp_path, capsys):
