@@ -68,3 +68,25 @@ def test_every_rank_writes_its_own_rng_and_only_rank_zero_the_state(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["rng_rank1.pt"]
     with pytest.raises(ValueError, match="lacks"):
         save_checkpoint(tmp_path, {"model": {}}, rank=0)
+
+
+def test_a_checkpoint_scratch_folder_left_by_a_killed_worker_is_removed_by_the_next(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from hlbd_ray.session import SCRATCH_PREFIX, scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"{SCRATCH_PREFIX}{int(gone.stdout)}-abc_123"
+    running = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-def_456"      # a live process's
+    older = tmp_path / f"{SCRATCH_PREFIX}x7dcopol"                      # no process id in it
+    for folder in (orphan, running, older):
+        folder.mkdir()
+        (folder / "state.pt").write_bytes(b"x" * 100)
+    with scratch_dir() as folder:
+        assert folder.parent == tmp_path and folder.name.startswith(f"{SCRATCH_PREFIX}{os.getpid()}-")
+        assert not orphan.exists() and running.is_dir() and older.is_dir()
+    assert not folder.exists()
