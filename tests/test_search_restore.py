@@ -7,9 +7,15 @@ is written from their own `get_json_state`, as Tune writes it."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from optuna.trial import TrialState
 from ray.tune.experiment import Experiment
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
@@ -19,7 +25,10 @@ from hlbd_ray.config import SweepConfig
 from hlbd_ray.search import build_searcher, param_space
 from hlbd_ray.search_restore import RestoredSearchGenerator, RestoredVariantGenerator, restorable_search, saved_trials
 
+from .conftest import RAY_TEST_ENV, REPO, run_job
+
 SAMPLES = 4
+SMOKE = str(REPO / "conf" / "smoke.yaml")
 
 
 def started(search: Any, sweep: SweepConfig) -> Any:
@@ -149,3 +158,39 @@ def test_an_optuna_state_older_than_the_trials_learns_their_results_and_finishes
     assert run_out(ours, [c, d]) == []                  # all four exist: finished
     study = ours.searcher.searcher._ot_study
     assert sorted(t.value for t in study.get_trials(states=(TrialState.COMPLETE,))) == [1.0, 3.0]
+
+
+@pytest.mark.slow
+@pytest.mark.extended       # ~1.5 min; the unit tests above run in the default set
+def test_a_sweep_resumed_with_a_search_state_older_than_its_trials_finishes(tmp_path):
+    """The CI hang on a real local Ray: the search state saved while the first two trials
+    ran, the trials' state once both had finished (as a driver killed between the two
+    uploads leaves them). Tune's own generator then waits forever for a free slot."""
+    experiment = tmp_path / "smoke"
+    args = ["--config", SMOKE, f"output_dir={tmp_path}", "cluster.num_cpus=2"]
+    driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *args], cwd=REPO,
+                              env={**os.environ, **RAY_TEST_ENV}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    early: tuple[Path, bytes] | None = None
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert driver.poll() is None and time.monotonic() < deadline, "the sweep ended or never got there"
+            statuses = [t.status for t in saved_trials(experiment).values()]
+            search_state = sorted(experiment.glob("basic-variant-state-*.json"))
+            if early is None and statuses and "TERMINATED" not in statuses and search_state:
+                early = (search_state[-1], search_state[-1].read_bytes())
+            if early and statuses.count("TERMINATED") >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert len(statuses) < 4 or statuses.count("TERMINATED") < 4, "the sweep finished before the kill"
+    assert early is not None
+    early[0].write_bytes(early[1])          # the search state as the lagging upload left it
+
+    again = run_job("sweep.py", *args, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = saved_trials(experiment)
+    assert len(trials) == 4 and all(t.status == "TERMINATED" for t in trials.values()), trials
