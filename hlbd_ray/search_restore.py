@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.tune.execution.tune_controller import TuneController
+from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-FINISHED = "TERMINATED"     # Tune's Trial.TERMINATED; every other status is resumed and runs
-STATE_GLOB = "experiment_state-*.json"     # Tune's TuneController.CKPT_FILE_TMPL
+FINISHED = Trial.TERMINATED     # every other status is resumed and runs
+STATE_GLOB = TuneController.CKPT_FILE_TMPL.format("*")
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,13 @@ def saved_trials(folder: str | Path) -> dict[str, SavedTrial]:
     """trial_id -> its status and last result in the newest experiment state in `folder`
     (Tune resumes from the newest by name, as here)."""
     states = sorted(Path(folder).glob(STATE_GLOB))
-    if not states:
-        return {}
+    return trials_in_state(states[-1].read_text()) if states else {}
+
+
+def trials_in_state(text: str | bytes) -> dict[str, SavedTrial]:
+    """trial_id -> its status and last result, from the text of a Tune experiment state."""
     trials = {}
-    for trial_state, run_metadata in json.loads(states[-1].read_text())["trial_data"]:
+    for trial_state, run_metadata in json.loads(text)["trial_data"]:
         trial, metadata = json.loads(trial_state), json.loads(run_metadata)
         trials[trial["trial_id"]] = SavedTrial(trial["status"], metadata.get("last_result") or {})
     return trials

@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
 
 import pytest
 
+from hlbd_ray.search_restore import FINISHED, STATE_GLOB, trials_in_state
 from hlbd_ray.storage import storage_join, storage_uri
 from hlbd_ray.trainer import retained_checkpoints
 
@@ -62,17 +64,16 @@ def saved_finished_trials(fs, experiment: str) -> set[str]:
     import pyarrow.fs
 
     states = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(experiment, allow_not_found=True))
-              if f.base_name.startswith("experiment_state-")]
+              if fnmatch(f.base_name, STATE_GLOB)]
     if not states:
         return set()
     with fs.open_input_stream(max(states)) as handle:
         text = handle.read()
     try:
-        state = json.loads(text)
+        trials = trials_in_state(text)
     except json.JSONDecodeError:
         return set()      # caught mid-upload (seen under load): the next poll reads it whole
-    trials = [json.loads(entry[0]) for entry in state["trial_data"]]
-    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
+    return {tid for tid, trial in trials.items() if trial.status == FINISHED}
 
 
 @pytest.mark.slow
