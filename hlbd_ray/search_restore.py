@@ -10,7 +10,9 @@ waits for a new trial forever, 600 s at a time in a loop.
 Each class here restores the search state and then reconciles it with the experiment
 state that Tune restores the trials from, which the same folder holds:
 - the trials still to run are the running ones, and no others;
-- a trial already created is not created again.
+- a trial already created is not created again;
+- a trial created after the trials' state was saved (the search state was newer) is
+  created again, so the sweep still runs every trial it was asked for.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
-from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.basic_variant import BasicVariantGenerator, _count_variants, _TrialIterator
+from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
 
 FINISHED = Trial.TERMINATED     # every other status is resumed and runs
 STATE_GLOB = TuneController.CKPT_FILE_TMPL.format("*")
@@ -58,16 +61,38 @@ def running(trials: dict[str, SavedTrial]) -> set[str]:
 
 
 class RestoredVariantGenerator(BasicVariantGenerator):
-    """Tune's basic generator (random, grid), which limits concurrency itself."""
+    """Tune's basic generator (random, grid), which limits concurrency itself.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    On a restore it does not trust its saved position in the sequence of trials, which
+    can be behind or ahead of the trials' state. It generates the sequence again from
+    the start, under the saved trial-id prefix and the same seed, so every trial gets
+    the id and config it had, and skips the trials that exist. A trial created after the
+    trials' state was saved is so created again, with its id and config.
+    """
+
+    def __init__(self, random_state: int | None = None, max_concurrent: int = 0) -> None:
+        super().__init__(random_state=random_state, max_concurrent=max_concurrent)
+        self._seed = random_state           # saved with the state, to replay it from
         self._restored: set[str] = set()
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
+        self._from_the_start()
         trials = saved_trials(dirpath)
         self._restored, self._live_trials = set(trials), running(trials)
+
+    def _from_the_start(self) -> None:
+        """Every iterator back at its first trial, as add_configurations built it."""
+        assert not self._points_to_evaluate   # the sweep gives none; they would be spent
+        rng: Any = _BackwardsCompatibleNumpyRng(self._seed)   # as add_configurations passes it
+        iterators, start = [], 0
+        for old in self._iterators:
+            iterators.append(_TrialIterator(
+                uuid_prefix=self._uuid_prefix, num_samples=old.num_samples, unresolved_spec=old.unresolved_spec,
+                constant_grid_search=old.constant_grid_search, lazy_eval=old.lazy_eval, start=start,
+                random_state=rng))
+            start += _count_variants(old.unresolved_spec, [])
+        self.set_state({"_iterators": iterators, "_random_state": rng, "_finished": False})
 
     def next_trial(self) -> Any:
         while True:
@@ -75,8 +100,7 @@ class RestoredVariantGenerator(BasicVariantGenerator):
             trial = super().next_trial()
             if trial is None or trial.trial_id not in self._restored:
                 return trial
-            # The generator's state was older than the trials: this one exists already,
-            # running or not as it was.
+            # This one exists already, running or not as it was.
             self._live_trials = live
 
 
@@ -86,7 +110,9 @@ class RestoredSearchGenerator(SearchGenerator):
 
     A trial created after the searcher's state was saved is unknown to the searcher: it
     runs, but the searcher does not learn from it. That costs the search one data point
-    and no trial.
+    and no trial. A trial the searcher asked for after the trials' state was saved is
+    lost with its config; the searcher is told it failed and asks for another in its
+    place.
     """
 
     def __init__(self, searcher: Searcher, max_concurrent: int) -> None:
@@ -95,8 +121,9 @@ class RestoredSearchGenerator(SearchGenerator):
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
         trials = saved_trials(dirpath)
-        # Trials created since the searcher's state was saved count towards num_samples.
-        self._counter = max(self._counter, len(trials))
+        # num_samples counts the trials that exist: those created since the searcher's
+        # state was saved, and not those lost since the trials' state was.
+        self._counter = len(trials)
         limiter: Any = self.searcher
         for trial_id in sorted(limiter.live_trials - running(trials)):
             # Finished while the state lagged: the searcher learns its result now. Absent

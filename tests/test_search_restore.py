@@ -110,23 +110,36 @@ def test_a_generator_state_older_than_the_trials_neither_hangs_nor_creates_a_tri
     assert run_out(resumed(fresh(RestoredVariantGenerator), tmp_path), [c, d]) == []
 
 
-def test_a_generator_state_newer_than_the_trials_does_not_wait_for_a_trial_never_saved(tmp_path):
+def test_a_generator_state_newer_than_the_trials_creates_the_lost_trial_again(tmp_path):
     sweep = SweepConfig(search="random", seed=5)
     search = started(build_searcher(sweep, 1), sweep)
     a = search.next_trial()
     save_trials(tmp_path, [a], {})                     # the trials' upload that lagged
     search.on_trial_complete(a.trial_id)
-    b = search.next_trial()                            # created after it
+    b = search.next_trial()                            # created after it: lost with it
     search.save_to_dir(str(tmp_path), "s")
+    uninterrupted = [b.config]                          # the configs of b and after it
+    search.on_trial_complete(b.trial_id)
+    while (trial := search.next_trial()) is not None:
+        uninterrupted.append(trial.config)
+        search.on_trial_complete(trial.trial_id)
 
     # Tune's own generator waits for b, which no longer exists.
     stock = resumed(started(BasicVariantGenerator(random_state=sweep.seed, max_concurrent=1), sweep), tmp_path)
     stock.on_trial_complete(a.trial_id)
     assert stock.next_trial() is None and not stock.is_finished()
 
-    # Ours runs a again; b's config is lost with the trials' state, the other two run.
-    new = run_out(resumed(started(build_searcher(sweep, 1), sweep), tmp_path), [a])
-    assert len(new) == 2 and not {a.trial_id, b.trial_id} & set(new)
+    # Ours runs a again, then b with its id and config, then the other two, as the sweep
+    # would have without the restart.
+    ours = resumed(started(build_searcher(sweep, 1), sweep), tmp_path)
+    created = []
+    ours.on_trial_complete(a.trial_id)
+    while (trial := ours.next_trial()) is not None:
+        created.append(trial)
+        ours.on_trial_complete(trial.trial_id)
+    assert ours.is_finished() and len(created) == SAMPLES - 1
+    assert created[0].trial_id == b.trial_id and [t.config for t in created] == uninterrupted
+    assert a.trial_id not in {t.trial_id for t in created}
 
 
 def test_an_optuna_state_older_than_the_trials_learns_their_results_and_finishes(tmp_path):
@@ -158,6 +171,27 @@ def test_an_optuna_state_older_than_the_trials_learns_their_results_and_finishes
     assert run_out(ours, [c, d]) == []                  # all four exist: finished
     study = ours.searcher.searcher._ot_study
     assert sorted(t.value for t in study.get_trials(states=(TrialState.COMPLETE,))) == [1.0, 3.0]
+
+
+def test_an_optuna_state_newer_than_the_trials_asks_for_a_trial_in_place_of_the_lost_one(tmp_path):
+    sweep = SweepConfig(search="optuna", seed=2, startup_trials=2)
+
+    def fresh() -> Any:
+        return started(restorable_search(build_searcher(sweep, 1), 1), sweep)
+
+    search = fresh()
+    a = search.next_trial()
+    save_trials(tmp_path, [a], {})                      # the trials' upload that lagged
+    search.on_trial_complete(a.trial_id, result={"val_loss": 1.0})
+    b = search.next_trial()                             # asked for after it: lost with it
+    search.save_to_dir(str(tmp_path), "s")
+
+    ours = resumed(fresh(), tmp_path)
+    new = run_out(ours, [a])
+    # a exists; b is lost, so SAMPLES - 1 trials are created, none of them b.
+    assert len(new) == SAMPLES - 1 and b.trial_id not in new
+    study = ours.searcher.searcher._ot_study
+    assert [t.state for t in study.get_trials() if t.number == 1] == [TrialState.FAIL]   # b
 
 
 @pytest.mark.slow
