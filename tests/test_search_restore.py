@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from optuna.trial import TrialState
 from ray.tune.experiment import Experiment
@@ -23,7 +25,14 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from hlbd_ray.config import SweepConfig
 from hlbd_ray.search import build_searcher, param_space
-from hlbd_ray.search_restore import RestoredSearchGenerator, RestoredVariantGenerator, restorable_search, saved_trials
+from hlbd_ray.search_restore import (
+    FINISHED,
+    STATE_GLOB,
+    RestoredSearchGenerator,
+    RestoredVariantGenerator,
+    restorable_search,
+    saved_trials,
+)
 
 from .conftest import RAY_TEST_ENV, REPO, run_job
 
@@ -194,37 +203,77 @@ def test_an_optuna_state_newer_than_the_trials_asks_for_a_trial_in_place_of_the_
     assert [t.state for t in study.get_trials() if t.number == 1] == [TrialState.FAIL]   # b
 
 
-@pytest.mark.slow
-@pytest.mark.extended       # ~1.5 min; the unit tests above run in the default set
-def test_a_sweep_resumed_with_a_search_state_older_than_its_trials_finishes(tmp_path):
-    """The CI hang on a real local Ray: the search state saved while the first two trials
-    ran, the trials' state once both had finished (as a driver killed between the two
-    uploads leaves them). Tune's own generator then waits forever for a free slot."""
+Snapshot = tuple[Path, bytes]
+
+
+def killed_sweep(tmp_path: Path, state_glob: str, early: Callable[[list[str]], bool],
+                 kill: Callable[[list[str]], bool]) -> tuple[list[str], Snapshot]:
+    """Runs the smoke sweep on a real local Ray and kills its driver once `kill` holds for
+    the trials' statuses in the saved experiment state. Returns those statuses and a copy
+    of the newest `state_glob` file as it was when `early` first held."""
     experiment = tmp_path / "smoke"
-    args = ["--config", SMOKE, f"output_dir={tmp_path}", "cluster.num_cpus=2"]
-    driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *args], cwd=REPO,
+    driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *smoke_args(tmp_path)], cwd=REPO,
                               env={**os.environ, **RAY_TEST_ENV}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    early: tuple[Path, bytes] | None = None
+    copy: Snapshot | None = None
     try:
         deadline = time.monotonic() + 240
         while True:
             assert driver.poll() is None and time.monotonic() < deadline, "the sweep ended or never got there"
             statuses = [t.status for t in saved_trials(experiment).values()]
-            search_state = sorted(experiment.glob("basic-variant-state-*.json"))
-            if early is None and statuses and "TERMINATED" not in statuses and search_state:
-                early = (search_state[-1], search_state[-1].read_bytes())
-            if early and statuses.count("TERMINATED") >= 2:
+            files = sorted(experiment.glob(state_glob))
+            if copy is None and files and early(statuses):
+                copy = (files[-1], files[-1].read_bytes())
+            if copy and kill(statuses):
                 break
             time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    assert len(statuses) < 4 or statuses.count("TERMINATED") < 4, "the sweep finished before the kill"
-    assert early is not None
+    assert copy is not None
+    return statuses, copy
+
+
+def smoke_args(tmp_path: Path) -> list[str]:
+    return ["--config", SMOKE, f"output_dir={tmp_path}", "cluster.num_cpus=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.extended       # ~1 min; the unit tests above run in the default set
+def test_a_sweep_resumed_with_a_search_state_older_than_its_trials_finishes(tmp_path):
+    """The CI hang on a real local Ray: the search state saved while the first two trials
+    ran, the trials' state once both had finished (as a driver killed between the two
+    uploads leaves them). Tune's own generator then waits forever for a free slot."""
+    statuses, early = killed_sweep(tmp_path, "basic-variant-state-*.json",
+                                   early=lambda statuses: bool(statuses) and FINISHED not in statuses,
+                                   kill=lambda statuses: statuses.count(FINISHED) >= 2)
+    assert len(statuses) < 4 or statuses.count(FINISHED) < 4, "the sweep finished before the kill"
     early[0].write_bytes(early[1])          # the search state as the lagging upload left it
 
-    again = run_job("sweep.py", *args, timeout=300)
+    again = run_job("sweep.py", *smoke_args(tmp_path), timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    trials = saved_trials(experiment)
-    assert len(trials) == 4 and all(t.status == "TERMINATED" for t in trials.values()), trials
+    trials = saved_trials(tmp_path / "smoke")
+    assert len(trials) == 4 and all(t.status == FINISHED for t in trials.values()), trials
+
+
+@pytest.mark.slow
+@pytest.mark.extended       # ~1.5 min
+def test_a_sweep_resumed_with_trials_older_than_its_search_state_runs_every_trial_once(tmp_path):
+    """The other order: the trials' state saved while the first two trials ran, the
+    search state once all four were created. The two created after the trials' save are
+    created again, with the ids they had, and the report holds the four trials alone."""
+    statuses, early = killed_sweep(tmp_path, STATE_GLOB,
+                                   early=lambda statuses: len(statuses) == 2 and FINISHED not in statuses,
+                                   kill=lambda statuses: len(statuses) == 4)
+    assert statuses.count(FINISHED) < 4, "the sweep finished before the kill"
+    created = set(saved_trials(tmp_path / "smoke"))
+    early[0].write_bytes(early[1])          # the trials' state as the lagging upload left it
+    assert len(saved_trials(tmp_path / "smoke")) == 2
+
+    again = run_job("sweep.py", *smoke_args(tmp_path), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = saved_trials(tmp_path / "smoke")
+    assert set(trials) == created and all(t.status == FINISHED for t in trials.values()), trials
+    report = pq.read_table(tmp_path / "smoke" / "report" / "trials.parquet").to_pylist()
+    assert {row["trial_id"] for row in report} == created
+    assert all(row["status"] == FINISHED and row["epochs_done"] >= 1 for row in report), report
