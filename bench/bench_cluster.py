@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 
 def free_port() -> int:
@@ -22,9 +23,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_cluster(head_cpus: int, node_cpus: Sequence[int] = ()) -> Iterator[str]:
+def local_cluster(head_cpus: int, node_cpus: Sequence[int] = ()) -> Iterator[Any]:
     """A head with `head_cpus` CPUs and a worker node per entry of `node_cpus`; yields the
-    address to attach to, and stops exactly these processes on the way out."""
+    `ray.cluster_utils.Cluster` (attach to its `address`), and stops exactly these
+    processes on the way out. tests/test_multinode.py uses it too."""
     from ray.cluster_utils import Cluster
 
     # The sweep needs the dashboard's state API (require_state_api), on this host only.
@@ -35,6 +37,6 @@ def local_cluster(head_cpus: int, node_cpus: Sequence[int] = ()) -> Iterator[str
         for cpus in node_cpus:
             cluster.add_node(num_cpus=cpus)
         cluster.wait_for_nodes()
-        yield cluster.address
+        yield cluster
     finally:
         cluster.shutdown()

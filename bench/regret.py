@@ -202,8 +202,8 @@ def main() -> None:
     configs = configs_in(mode)
     load_start = print_load("start")
     # One cluster of CONCURRENT CPUs for every sweep: Ray starts once, not once per sweep.
-    with tempfile.TemporaryDirectory() as tmp, local_cluster(CONCURRENT) as address:
-        out = Path(args.out or tmp)
+    with tempfile.TemporaryDirectory() as tmp, local_cluster(CONCURRENT) as cluster:
+        out, address = Path(args.out or tmp), cluster.address
         copies = run_truth(address, out, mode)
         grid_machine = machine_s(trial_spans(out / truth_name(0)), {t["trial_id"] for t in copies[0]})
         searches = []

@@ -41,8 +41,8 @@ LAYOUTS = {"1x2": [2], "2x1": [1, 1]}   # CPUs of each worker node
 
 
 def run_layout(nodes: list[int], job: list[str], out: Path) -> dict[str, Any]:
-    with local_cluster(0, nodes) as address:
-        run = ttq.run_ours(job, out, [f"cluster.address={address}"])
+    with local_cluster(0, nodes) as cluster:
+        run = ttq.run_ours(job, out, [f"cluster.address={cluster.address}"])
     return {**ttq.summarize(run), "nodes": nodes}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -63,13 +62,6 @@ def hlbd_dir() -> Path:
     missing = [name for name in (*HLBD_FILES, "LICENSE") if not (HLBD_DIR / name).is_file()]
     assert not missing, f"the real HLBD files are expected in {HLBD_DIR}; missing: {missing}"
     return HLBD_DIR
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now: a test's cluster must not meet another one's."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ray_temp_dir() -> Path:

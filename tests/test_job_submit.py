@@ -24,8 +24,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from bench.bench_cluster import free_port
+
 from .browser import RAY_AUTH_COOKIE, check_report_page, chromium, wait_for
-from .conftest import RAY_TEST_ENV, REPO, free_port
+from .conftest import RAY_TEST_ENV, REPO
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))

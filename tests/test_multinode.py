@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, free_port, run_job
+from bench.bench_cluster import local_cluster
+
+from .conftest import REPO, run_job
 
 SMOKE = str(REPO / "conf" / "smoke.yaml")
 
@@ -18,20 +20,9 @@ SMOKE = str(REPO / "conf" / "smoke.yaml")
 
 @pytest.fixture
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    # The sweep needs the dashboard's state API; its own port keeps it apart from any
-    # other head on this machine.
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": free_port()})
-    try:
-        c.add_node(num_cpus=1)
-        c.add_node(num_cpus=1)
-        c.wait_for_nodes()
+    # A head with no CPUs and two 1-CPU worker nodes (bench/two_nodes.py's layout).
+    with local_cluster(0, (1, 1)) as c:
         yield c
-    finally:
-        c.shutdown()
 
 
 def train_workers_by_job(address: str) -> dict[str, list[str]]:

@@ -15,12 +15,12 @@ from fnmatch import fnmatch
 
 import pytest
 
+from bench.bench_cluster import free_port
 from hlbd_ray.search_restore import FINISHED, STATE_GLOB, trials_in_state
 from hlbd_ray.storage import storage_join, storage_uri
 from hlbd_ray.trainer import retained_checkpoints
 
 from .conftest import RAY_TEST_ENV, REPO, run_job
-from .test_multinode import free_port
 
 SMOKE = str(REPO / "conf" / "smoke.yaml")
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
