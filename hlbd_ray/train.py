@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -42,6 +43,7 @@ from hlbd_ray.precision import resolve_precision
 from hlbd_ray.progress import EpochBar
 from hlbd_ray.session import LocalSession, RayTrainSession, autocast, scratch_dir
 from hlbd_ray.tokenizer import CharTokenizer
+from hlbd_ray.worker_exit import check, stopped_before_exit
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -55,7 +57,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg, session = from_dict(loop_config["config"]), RayTrainSession()
     name_actor_in_logs(actor_banner(session.run_name, f"Train worker rank {session.rank} of {session.world_size}",
                                     cfg.model.d_model, cfg.model.num_heads, cfg.train.lr))
-    TrainRun(cfg, data, session).fit()
+    # Ray Train runs this in a daemon thread: it must stop before its process finalizes.
+    with stopped_before_exit() as exiting:
+        TrainRun(cfg, data, session, exiting).fit()
 
 
 def train_locally(cfg: Config, data: PreparedData, run_dir: str | Path,
@@ -101,8 +105,9 @@ class RunState:
 
 
 class TrainRun:
-    def __init__(self, cfg: Config, data: PreparedData, session: Any):
+    def __init__(self, cfg: Config, data: PreparedData, session: Any, exiting: threading.Event | None = None):
         self.cfg, self.t, self.data, self.session = cfg, cfg.train, data, session
+        self.exiting = exiting or threading.Event()    # set when the worker's process exits
         self.rank, self.world = session.rank, session.world_size
         self.device = session.device
         if self.device.type == "cpu":
@@ -184,6 +189,7 @@ class TrainRun:
         """Accumulation groups of grad_accum micro-batches; the last, shorter group is kept."""
         group: list[Batch] = []
         for batch in batches:
+            check(self.exiting)
             group.append(batch.to(self.device))
             if len(group) == self.t.grad_accum:
                 yield group
@@ -259,6 +265,7 @@ class TrainRun:
         batches = iter_batches(self.data.val, self.t.batch_size * 2, seed=self.t.seed, epoch=0,
                                shuffle=False, loss_on=self.t.loss_on)
         for i, batch in enumerate(batches):
+            check(self.exiting)
             if i % self.world != self.rank:
                 continue
             b = batch.to(self.device)
