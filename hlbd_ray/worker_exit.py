@@ -28,8 +28,7 @@ from collections.abc import Iterator
 EXIT_JOIN_S = 5.0
 
 _lock = threading.Lock()
-_loops: dict[threading.Thread, threading.Event] = {}
-_registered = False
+_loops: dict[threading.Thread, threading.Event] = {}   # the guarded loops now running
 
 
 class WorkerExiting(Exception):
@@ -40,12 +39,8 @@ class WorkerExiting(Exception):
 def stopped_before_exit() -> Iterator[threading.Event]:
     """Guards the calling thread's loop: yields the event that is set when the process
     starts to exit. The loop checks it between batches and then raises WorkerExiting."""
-    global _registered
     exiting, thread = threading.Event(), threading.current_thread()
     with _lock:
-        if not _registered:
-            atexit.register(_stop_loops_and_wait)
-            _registered = True
         _loops[thread] = exiting
     try:
         yield exiting
@@ -69,3 +64,7 @@ def _stop_loops_and_wait(join_s: float = EXIT_JOIN_S) -> None:
     for thread, _ in loops:
         if thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# Once per process, at import: with no guarded loop running, the handler returns at once.
+atexit.register(_stop_loops_and_wait)
