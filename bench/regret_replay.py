@@ -30,7 +30,7 @@ import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow.parquet as pq
 
@@ -41,14 +41,51 @@ from regret import CONCURRENT, FULL, REPO, SMOKE, arch, ground_truth, read_truth
 Curves = dict[tuple[str, float], list[tuple[float, float]]]
 
 
+class Run(NamedTuple):
+    """One replayed trial: its config, the epochs it ran and its slot time."""
+    key: tuple[str, float]
+    epochs: int
+    slot_s: float
+
+
 class ReplayedTrial:
     """What Tune's scheduler reads of a trial."""
 
     def __init__(self, trial_id: str) -> None:
         self.trial_id = trial_id
+        self.status = "PENDING"
+        self.last_result: dict = {}
 
     def __repr__(self) -> str:
         return self.trial_id
+
+
+class ReplayedController:
+    """What a scheduler reads of Tune's controller: the trials, the search algorithm (whose
+    concurrency limit a pause frees and a resume takes back) and stop_trial."""
+
+    def __init__(self, searcher: Any, num_samples: int) -> None:
+        self.trials: list[ReplayedTrial] = []
+        self.searcher, self.num_samples = searcher, num_samples
+        self.search_alg = self
+        self.live: set[str] = set()        # running or pending, as Tune's concurrency limit counts
+
+    def get_trials(self) -> list[ReplayedTrial]:
+        return self.trials
+
+    def is_finished(self) -> bool:
+        return len(self.trials) >= self.num_samples
+
+    def on_pause(self, trial_id: str) -> None:
+        self.live.discard(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        self.live.add(trial_id)
+
+    def stop_trial(self, trial: ReplayedTrial) -> None:
+        trial.status = "TERMINATED"
+        self.live.discard(trial.trial_id)
+        self.searcher.on_trial_complete(trial.trial_id, trial.last_result)
 
 
 def first_copy_curves(truth: Path, trials: list[dict]) -> Curves:
@@ -63,9 +100,16 @@ def first_copy_curves(truth: Path, trials: list[dict]) -> Curves:
     return curves
 
 
-def replay(curves: Curves, cfg: Any) -> tuple[list[tuple[tuple[str, float], int]], float]:
-    """One search: (config, epochs it ran) of each trial, in launch order, and the time
-    its last trial ended (the first ones launch at 0)."""
+def launch_s(curve: list[tuple[float, float]]) -> float:
+    """A trial's start, from its first epoch's time less a later epoch's (what a resume
+    pays again)."""
+    return curve[0][1] - (curve[1][1] - curve[0][1]) if len(curve) > 1 else 0.0
+
+
+def replay(curves: Curves, cfg: Any) -> tuple[list[Run], float]:
+    """One search: (config, epochs it ran, its slot time) of each trial, in launch order,
+    and the time its last trial ended (the first ones launch at 0). A trial the scheduler
+    pauses (promotion-based ASHA) resumes, when chosen, after a launch again."""
     from ray.tune.schedulers import TrialScheduler
 
     from hlbd_ray.search import build_scheduler, build_searcher, param_space
@@ -75,36 +119,59 @@ def replay(curves: Curves, cfg: Any) -> tuple[list[tuple[tuple[str, float], int]
     searcher.set_search_properties(sweep.metric, sweep.mode.value, param_space(sweep))
     scheduler = build_scheduler(sweep, epochs)
     scheduler.set_search_properties(sweep.metric, sweep.mode.value)
-    events: list[tuple] = []      # (time, order, trial index, epoch, start)
+    ctl = ReplayedController(searcher, sweep.num_samples)
+    events: list[tuple] = []      # (time, order, trial index, epoch)
     order = itertools.count()
-    runs: list[tuple[tuple[str, float], int]] = []
-    trials: list[ReplayedTrial] = []
+    keys: list[tuple[str, float]] = []
+    done = [0] * sweep.num_samples
+    slot_s = [0.0] * sweep.num_samples
 
-    def launch(now: float) -> None:
-        trials.append(ReplayedTrial(f"t{len(trials)}"))
-        params = searcher.suggest(trials[-1].trial_id)
-        key = (params["arch"], round(params["lr"], 12))
-        runs.append((key, 0))
-        scheduler.on_trial_add(None, trials[-1])
-        heapq.heappush(events, (now + curves[key][0][1], next(order), len(runs) - 1, 1, now))
+    def start(index: int, now: float) -> None:
+        """Run trial `index` from the epoch it has done to its next one."""
+        curve, trial = curves[keys[index]], ctl.trials[index]
+        e = done[index]
+        seconds = curve[0][1] if e == 0 else launch_s(curve) + curve[e][1] - curve[e - 1][1]
+        slot_s[index] += seconds
+        trial.status = "RUNNING"
+        heapq.heappush(events, (now + seconds, next(order), index, e + 1))
 
-    for _ in range(min(CONCURRENT, sweep.num_samples)):
-        launch(0.0)
+    def fill(now: float) -> None:
+        """The free slots to the scheduler's choice, new trials created as Tune does."""
+        while sum(t.status == "RUNNING" for t in ctl.trials) < CONCURRENT:
+            if len(ctl.trials) < sweep.num_samples and len(ctl.live) < CONCURRENT:
+                trial = ReplayedTrial(f"t{len(ctl.trials)}")
+                params = searcher.suggest(trial.trial_id)
+                keys.append((params["arch"], round(params["lr"], 12)))
+                ctl.trials.append(trial)
+                ctl.live.add(trial.trial_id)
+                scheduler.on_trial_add(ctl, trial)
+            chosen = scheduler.choose_trial_to_run(ctl)
+            if chosen is None:
+                return
+            start(ctl.trials.index(chosen), now)
+
     now = 0.0
+    fill(now)
     while events:
-        now, _, index, epoch, start = heapq.heappop(events)
-        trial, key = trials[index], runs[index][0]
-        runs[index] = (key, epoch)
+        now, _, index, epoch = heapq.heappop(events)
+        trial, key = ctl.trials[index], keys[index]
+        done[index] = epoch
         result = {sweep.metric: curves[key][epoch - 1][0], "epochs_done": epoch, "training_iteration": epoch}
+        trial.last_result = result
         searcher.on_trial_result(trial.trial_id, result)
-        if epoch < epochs and scheduler.on_trial_result(None, trial, result) == TrialScheduler.CONTINUE:
-            heapq.heappush(events, (start + curves[key][epoch][1], next(order), index, epoch + 1, start))
+        decision = scheduler.on_trial_result(ctl, trial, result) if epoch < epochs else TrialScheduler.STOP
+        if decision == TrialScheduler.CONTINUE:
+            seconds = curves[key][epoch][1] - curves[key][epoch - 1][1]
+            slot_s[index] += seconds
+            heapq.heappush(events, (now + seconds, next(order), index, epoch + 1))
             continue
-        searcher.on_trial_complete(trial.trial_id, result)
-        scheduler.on_trial_complete(None, trial, result)
-        if len(trials) < sweep.num_samples:
-            launch(now)
-    return runs, now
+        if decision == TrialScheduler.PAUSE:
+            trial.status = "PAUSED"
+        else:
+            ctl.stop_trial(trial)
+            scheduler.on_trial_complete(ctl, trial, result)
+        fill(now)
+    return [Run(key, done[i], slot_s[i]) for i, key in enumerate(keys)], now
 
 
 def grid_span(curves: Curves) -> float:
@@ -116,11 +183,11 @@ def grid_span(curves: Curves) -> float:
     return max(slots)
 
 
-def outcome(curves: Curves, runs: list[tuple[tuple[str, float], int]]) -> tuple[tuple[str, float], float]:
+def outcome(curves: Curves, runs: list[Run]) -> tuple[tuple[str, float], float]:
     """The search's pick (its trial with the best val_loss at any epoch, as best.json's
     search_best) and its slot time."""
-    pick = min(runs, key=lambda run: min(loss for loss, _ in curves[run[0]][:run[1]]))[0]
-    return pick, sum(curves[key][epochs - 1][1] for key, epochs in runs)
+    pick = min(runs, key=lambda run: min(loss for loss, _ in curves[run.key][:run.epochs])).key
+    return pick, sum(run.slot_s for run in runs)
 
 
 def main() -> None:

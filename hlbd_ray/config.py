@@ -64,7 +64,8 @@ class Schedule(Choice):
 
 
 class Scheduler(Choice):
-    asha = "asha"   # early stopping at epoch rungs
+    asha = "asha"             # Ray's ASHA: a trial goes on unless below the cutoff of those ahead of it
+    promotion = "promotion"   # ASHA as its paper states it: paused at a rung until it ranks (promotion.py)
     fifo = "fifo"   # every trial runs to the end
 
 

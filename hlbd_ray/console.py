@@ -41,6 +41,7 @@ class SweepStatus(LiveCallback):
         self.outcomes: dict[str, str] = {}     # trial id -> COMPLETED / STOPPED / ERROR
         self.started: set[str] = set()
         self.stop_seen: set[str] = set()       # trials a scheduler decided to stop
+        self.paused: set[str] = set()          # trials paused at the last step (promotion.py)
         self.last_print = self.started_at = time.monotonic()
 
     def setup(self, stop: Stopper | None = None, num_samples: int | None = None,
@@ -74,6 +75,8 @@ class SweepStatus(LiveCallback):
             self.stop_seen.add(trial.trial_id)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        # A paused trial that ends was stopped by its scheduler without a result saying so.
+        self.paused = {t.trial_id for t in trials if t.status == "PAUSED"}
         if time.monotonic() - self.last_print >= self.every_s:
             self.print_line(trials)
 
@@ -82,7 +85,8 @@ class SweepStatus(LiveCallback):
         epochs = result.get("epochs_done", 0)
         # ASHA also "stops" a trial that reached its last epoch (max_t): that one completed.
         last_epoch = bool(self.max_epochs) and epochs >= self.max_epochs
-        if trial.trial_id in self.stop_seen and not last_epoch:
+        stopped = trial.trial_id in self.stop_seen or trial.trial_id in self.paused
+        if stopped and not last_epoch:
             self.outcomes[trial.trial_id] = STOPPED
             what = f"stopped early by {self.scheduler} after {plural(epochs, 'epoch')}"
         else:
@@ -135,8 +139,9 @@ def status_line(trials: list, best: dict[str, float], metric: str, mode: str,
         summary = (f"best {metric} {best[leader.trial_id]:.4f} "
                    f"({leader.trial_id}: {cfg[ARCH_KEY]}, lr {cfg[LR_KEY]:.2e})")
     minutes, seconds = divmod(int(elapsed), 60)
+    paused = f", {counts['PAUSED']} paused" if counts["PAUSED"] else ""
     return (f"[sweep {minutes:02d}:{seconds:02d}] {counts['TERMINATED']} done, {counts['ERROR']} errored, "
-            f"{counts['RUNNING']} running, {counts['PENDING'] + counts['PAUSED']} pending | {summary}")
+            f"{counts['RUNNING']} running, {counts['PENDING']} pending{paused} | {summary}")
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from ray.tune.search.repeater import Repeater
 
 from hlbd_ray.config import SpaceConfig, SweepConfig, sampled_configs, space_pairs
 from hlbd_ray.params import ARCH_KEY, LR_KEY, REPEAT_KEY, STAGE_KEY, decode_arch  # noqa: F401  (re-exported)
+from hlbd_ray.promotion import PromotionASHA
 from hlbd_ray.search_restore import RestoredVariantGenerator
 
 
@@ -84,7 +85,7 @@ MAX_REDRAWS = 20
 
 
 class EpochOptunaSearch(OptunaSearch):
-    """Optuna search with two fixes for a sweep's trials:
+    """Optuna search with three changes for a sweep's trials:
 
     - Intermediate values must be numbers; before the first validation (or after a
       non-finite one) the metric is missing and is not reported.
@@ -102,10 +103,16 @@ class EpochOptunaSearch(OptunaSearch):
       (bench/regret_replay.py, conf/sweep.yaml: 89% of searches within the seed noise,
       against 74% with a random replacement). Copies of a config on purpose are
       sweep.repeats.
+    - With `tell_epoch` (the first rung of promotion-based ASHA), a trial's value is
+      told to Optuna when it reports that epoch, not when it ends. Paused trials end
+      only when the search does, so TPE would otherwise model nothing; and every trial
+      reaches that epoch, so TPE compares like with like rather than favouring the trials
+      that ran longer. Later results of a told trial are not Optuna's any more.
     """
 
-    def __init__(self, *args: Any, fallback_seed: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fallback_seed: int = 0, tell_epoch: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._tell_epoch = tell_epoch
         # Both saved and restored with the searcher (its __dict__).
         self._launched: set[tuple] = set()
         self._fallback = random.Random(fallback_seed)
@@ -147,17 +154,21 @@ class EpochOptunaSearch(OptunaSearch):
         return [dict(zip(names, values)) for values in itertools.product(*(space[n].choices for n in names))]
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if result.get(self.metric) is not None and self._knows(trial_id):
-            super().on_trial_result(trial_id, result)
+        if result.get(self.metric) is None or not self._knows(trial_id):
+            return
+        super().on_trial_result(trial_id, result)
+        if self._tell_epoch is not None and result.get("epochs_done") == self._tell_epoch:
+            super().on_trial_complete(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._knows(trial_id):
             super().on_trial_complete(trial_id, result, error)
 
     def _knows(self, trial_id: str) -> bool:
-        """Whether Optuna asked for this trial. A resumed sweep can run a trial created
-        after the searcher's state was saved (see search_restore): nothing to tell."""
-        return trial_id in self._ot_trials
+        """Whether Optuna asked for this trial and has not been told its value. A resumed
+        sweep can run a trial created after the searcher's state was saved (see
+        search_restore): nothing to tell."""
+        return trial_id in self._ot_trials and trial_id not in self._completed_trials
 
 
 def _config_key(params: dict | None) -> tuple:
@@ -230,7 +241,11 @@ def build_searcher(sweep: SweepConfig, max_concurrent: int) -> Any:
         # metric and mode come from TuneConfig (Tune refuses them in two places).
         from optuna.samplers import TPESampler
         quiet_optuna()
+        # Promotion-based ASHA pauses trials: TPE learns from the first rung (see above).
+        # (A trial that never reaches it, with grace_period >= epochs, is told at its end.)
+        tell = sweep.grace_period if sweep.scheduler == "promotion" and sweep.repeats == 1 else None
         searcher = EpochOptunaSearch(sampler=TPESampler(seed=sweep.seed, n_startup_trials=sweep.startup_trials),
+                                     tell_epoch=tell,
                                      fallback_seed=sweep.seed)
     elif sweep.search == "random" and sweep.repeats > 1:
         # The basic generator cannot hand out one config several times; Optuna's random
@@ -251,9 +266,14 @@ def quiet_optuna() -> None:
 
 
 def build_scheduler(sweep: SweepConfig, max_epochs: int) -> Any:
-    """ASHA at epoch rungs (the time attribute counts epochs, not reports), or FIFO."""
+    """ASHA at epoch rungs (the time attribute counts epochs, not reports), stopping- or
+    promotion-based, or FIFO."""
     if sweep.scheduler == "fifo":
         return FIFOScheduler()
+    if sweep.scheduler == "promotion":
+        return PromotionASHA(time_attr="epochs_done", max_t=max_epochs,
+                             grace_period=min(sweep.grace_period, max_epochs),
+                             reduction_factor=sweep.reduction_factor)
     return EpochASHA(time_attr="epochs_done", max_t=max_epochs,
                      grace_period=min(sweep.grace_period, max_epochs),
                      reduction_factor=sweep.reduction_factor, min_peers=sweep.rung_min_peers)

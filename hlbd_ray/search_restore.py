@@ -94,6 +94,13 @@ class RestoredVariantGenerator(BasicVariantGenerator):
             start += _count_variants(old.unresolved_spec, [])
         self.set_state({"_iterators": iterators, "_random_state": rng, "_finished": False})
 
+    def on_pause(self, trial_id: str) -> None:
+        """A paused trial (promotion.py) holds no slot of the concurrency limit."""
+        self._live_trials.discard(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        self._live_trials.add(trial_id)
+
     def next_trial(self) -> Any:
         while True:
             live = set(self._live_trials)
@@ -118,6 +125,16 @@ class RestoredSearchGenerator(SearchGenerator):
     def __init__(self, searcher: Searcher, max_concurrent: int) -> None:
         super().__init__(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent))
 
+    def on_pause(self, trial_id: str) -> None:
+        """A paused trial (promotion.py) holds no slot of the concurrency limit."""
+        limiter: Any = self.searcher
+        limiter.live_trials.discard(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        """Counted again when it resumes or is stopped, so that its end reaches the searcher."""
+        limiter: Any = self.searcher
+        limiter.live_trials.add(trial_id)
+
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
         trials = saved_trials(dirpath)
@@ -132,6 +149,8 @@ class RestoredSearchGenerator(SearchGenerator):
                 limiter.on_trial_complete(trial_id, result=trials[trial_id].last_result)
             else:
                 limiter.on_trial_complete(trial_id, error=True)
+        # Every trial that runs on the resume holds a slot, one that was paused too.
+        limiter.live_trials |= running(trials)
 
 
 def restorable_search(search: Any, max_concurrent: int) -> Any:

@@ -121,7 +121,9 @@ def stoppable_trial(trial_function: Any) -> type:
     actor aborted (BENCHMARKS.md section 3). The thread ends itself once it sees Tune's
     stop request (trainer.run_controller_here, report_final); this waits up to
     STOP_JOIN_S for it."""
-    from ray.train._internal.session import get_session, shutdown_session
+    from ray.train._internal.session import _TrainingResult, get_session, shutdown_session
+    from ray.tune import Checkpoint
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
     from ray.tune.trainable.function_trainable import wrap_function
 
     class StoppableTrial(wrap_function(trial_function)):  # type: ignore[misc]
@@ -136,6 +138,18 @@ def stoppable_trial(trial_function: Any) -> type:
             finally:
                 session._report_thread_runner_error()
                 shutdown_session()
+
+        def save_checkpoint(self, checkpoint_dir: str = "") -> Any:
+            # Tune saves a trial it pauses (promotion.py) and, on resuming it, restores its
+            # counters (training_iteration, time_total_s) only from a save with a
+            # checkpoint. Our trial reports none to Tune: the Train run's own, which it
+            # resumes from (Train V2 reads it from storage), stands in for it. Without it a
+            # resumed trial's time_total_s started again at 0.
+            saved = super().save_checkpoint(checkpoint_dir)
+            path = saved.metrics.get(CHECKPOINT_PATH_KEY) if saved is not None else None
+            if saved is None or saved.checkpoint is not None or not path:
+                return saved
+            return _TrainingResult(checkpoint=Checkpoint(path), metrics=saved.metrics)
 
     return StoppableTrial
 

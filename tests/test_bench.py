@@ -256,21 +256,30 @@ def test_the_replay_runs_the_sweeps_searcher_and_scheduler_over_recorded_epochs(
 
     # FIFO: all four configs, once each, run both epochs; the best final trial wins.
     fifo, fifo_span = run("sweep.scheduler=fifo")
-    assert sorted(fifo) == sorted((key, 2) for key in curves)
+    assert sorted((r.key, r.epochs, r.slot_s) for r in fifo) == sorted((key, 2, 15) for key in curves)
     assert replay.outcome(curves, fifo) == (("64x4", 3e-3), 60)
     # Two slots, four 15 s trials back to back: the search ends at 30 s, as the grid does.
     assert fifo_span == replay.grid_span(curves) == 30
     # ASHA (Ray's rule): the first trial at the rung continues, someone worse than the rung's
     # median is cut after epoch 1 and costs that epoch alone; the pick is the best finisher.
     asha, asha_span = run("sweep.scheduler=asha", "sweep.grace_period=1", "sweep.reduction_factor=2")
-    assert len({key for key, _ in asha}) == 4 and asha[0][1] == 2 and any(epochs == 1 for _, epochs in asha)
-    finishers = [key for key, epochs in asha if epochs == 2]
+    assert len({r.key for r in asha}) == 4 and asha[0].epochs == 2 and any(r.epochs == 1 for r in asha)
+    finishers = [r.key for r in asha if r.epochs == 2]
     pick, slot_time = replay.outcome(curves, asha)
     assert pick == min(finishers, key=lambda key: curves[key][1][0])
-    assert slot_time == sum(curves[key][epochs - 1][1] for key, epochs in asha) < 60
+    assert slot_time == sum(curves[r.key][r.epochs - 1][1] for r in asha) < 60
     # The machine is charged both slots over the span: here the last trial runs on beside
     # an idle slot, so the search costs the grid's 30 s of machine for less slot time.
     assert slot_time / 2 < asha_span == 30
+    # Promotion-based ASHA: the first two trials pause after epoch 1 (no one to rank
+    # against); from the rung's top half the best is resumed and pays the launch again
+    # (10 - (15 - 10) = 5 s), the others are stopped at the end.
+    promo, _ = run("sweep.scheduler=promotion", "sweep.grace_period=1", "sweep.reduction_factor=2")
+    finished = [r for r in promo if r.epochs == 2]
+    assert len(finished) >= 1 and all(r.epochs in (1, 2) for r in promo)
+    resumed = [r for r in finished if r.slot_s > 15]
+    assert all(r.slot_s == 10 + 5 + 5 for r in resumed)
+    assert replay.outcome(curves, promo)[1] == sum(r.slot_s for r in promo)
 
 
 def load_bench(name: str):

@@ -140,7 +140,7 @@ def test_choices_are_enums_in_the_config_and_plain_strings_outside():
     plain = to_dict(cfg)
     choices = [plain["train"]["precision"], plain["train"]["loss_on"], plain["model"]["attention"],
                plain["sweep"]["search"], plain["sweep"]["scheduler"], plain["sweep"]["mode"]]
-    assert choices == ["auto", "all", "standard", "optuna", "asha", "min"]
+    assert choices == ["auto", "all", "standard", "optuna", "promotion", "min"]
     assert all(type(value) is str for value in choices)   # what Ray and checkpoints get
     assert "  search: optuna\n" in to_yaml(cfg) and "loss_on: all\n" in to_yaml(cfg)
 
