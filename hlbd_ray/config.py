@@ -194,8 +194,9 @@ class SweepConfig:
     scheduler: Scheduler = Scheduler.asha
     grace_period: int = 1
     reduction_factor: int = 2
-    # ASHA stops a trial at a rung only when at least this many trials reached the rung
-    # before it (0: Ray's rule, where one earlier trial is enough); see search.EpochASHA.
+    # scheduler asha only: it stops a trial at a rung only when at least this many trials
+    # reached the rung before it (0: Ray's rule, where one earlier trial is enough); see
+    # search.EpochASHA. The promotion scheduler ranks a trial against every trial at the rung.
     rung_min_peers: int = 0
     # Optuna search: random draws before TPE models the results (Optuna's
     # n_startup_trials, default 10), so a sweep of 10 trials or fewer is a random search.

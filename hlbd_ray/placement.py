@@ -142,6 +142,12 @@ class PlacementGroupKeeper(LiveCallback):
         self.trial_ended(trial, trials)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        # A paused trial (promotion.py) has ended for now: its groups get the same grace.
+        for trial in trials:
+            if trial.status == "PAUSED":
+                self.ended.setdefault(trial.trial_id, time.monotonic())
+            elif trial.status == "RUNNING":
+                self.ended.pop(trial.trial_id, None)
         if time.monotonic() - self.last_round >= self.every_s:
             self.collect(running_trials(trials))
 

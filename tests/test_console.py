@@ -61,6 +61,31 @@ def test_a_trial_that_stops_itself_completed_and_says_why(capsys):
     assert status.outcome("t", False, INTERRUPTED) == COMPLETED
 
 
+def test_a_paused_trial_that_ends_was_stopped_by_the_promotion_scheduler(capsys):
+    from hlbd_ray.console import status_line
+
+    status = SweepStatus("val_loss", "min", max_epochs=4, scheduler="promotion")
+    held, promoted = Trial("held"), Trial("promoted")
+    for trial in (held, promoted):
+        status.on_trial_start(0, [], trial)
+        trial.last_result = {"val_loss": 3.0, "epochs_done": 1}
+        status.on_trial_result(0, [held, promoted], trial, trial.last_result)
+    held.status = promoted.status = "PAUSED"
+    assert "0 running, 0 pending, 2 paused |" in status_line([held, promoted], status.best, "val_loss", "min", 5)
+    status.on_step_end(0, [held, promoted])
+    promoted.status = "RUNNING"                        # resumed: then it runs to its last epoch
+    status.on_trial_start(0, [], promoted)
+    status.on_step_end(0, [held, promoted])
+    finish(status, promoted, [{"val_loss": 2.0, "epochs_done": 4}])
+    held.status = "TERMINATED"                         # stopped while paused, at the search's end
+    status.on_trial_complete(0, [held, promoted], held)
+    out = capsys.readouterr().out
+    assert "trial promoted resumed: 32x4" in out and "trial promoted completed 4 epochs" in out
+    assert "trial held stopped early by PROMOTION after 1 epoch" in out
+    assert status.outcome("held", False, INTERRUPTED) == STOPPED
+    assert status.outcome("promoted", False, INTERRUPTED) == COMPLETED
+
+
 def test_outcomes_survive_a_restart_through_tunes_callback_state(capsys):
     first = SweepStatus("val_loss", "min", max_epochs=3)
     trial = Trial("t")

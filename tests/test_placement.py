@@ -88,6 +88,23 @@ def test_a_running_trials_group_is_kept_and_an_ended_trials_group_goes_once_its_
     assert keeper.summary(left=0)["freed"] == 1
 
 
+def test_a_paused_trials_group_gets_the_grace_of_an_ended_one_and_its_resumed_group_is_kept(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(placement, "time", clock)
+    cluster = Cluster(monkeypatch, [group("paused", "t1", "a1")], alive=["a1"])
+    keeper = PlacementGroupKeeper(every_s=0.0, grace_s=3.0)
+    keeper.on_step_end(0, [Trial("t1", "PAUSED")])
+    assert cluster.removed == []                 # its actor is still exiting: the grace
+    clock.now += 3.5
+    keeper.on_step_end(0, [Trial("t1", "PAUSED")])
+    assert cluster.removed == ["paused"]
+    # Resumed under a new trial actor: its new group belongs to a running trial.
+    cluster.groups.append(group("resumed", "t1", "a9"))
+    cluster.alive = ["a9"]
+    keeper.on_step_end(0, [Trial("t1", "RUNNING")])
+    assert cluster.removed == ["paused"] and "t1" not in keeper.ended
+
+
 def test_an_ended_trials_group_goes_after_the_grace_even_if_its_actor_lingers(monkeypatch):
     cluster = Cluster(monkeypatch, [group("ended", "t2", "a2")], alive=["a2"])
     keeper = PlacementGroupKeeper(grace_s=0.0)
