@@ -9,7 +9,8 @@ sweeps run through `jobs/sweep.py`, the real job:
   (As one sweep with sweep.repeats=2, Tune ran each config's two copies side by side.)
   A config's true score is the mean of its seeds' final val_loss; the seed noise is the
   pooled within-config standard deviation of the final val_loss.
-- the default search: Optuna + ASHA with half as many trials as the space has configs,
+- the default search: Optuna and the config's scheduler (conf/sweep.yaml: promotion-based
+  ASHA) with half as many trials as the space has configs,
   then the confirmation stage. The search's own pick ("search only": its best trial)
   and the confirmed winner ("with confirmation") come from the same run: best.json holds
   both, and the search-only cost counts the search trials alone.
@@ -84,7 +85,7 @@ def space_overrides(mode: dict[str, Any]) -> list[str]:
 def search_overrides(mode: dict[str, Any], seed: int, extra: list[str]) -> list[str]:
     """The default search with half as many trials as the space has configs, then its
     confirmation; `extra` (--set) last."""
-    return ["sweep.search=optuna", "sweep.scheduler=asha", f"sweep.num_samples={max(1, configs_in(mode) // 2)}",
+    return ["sweep.search=optuna", f"sweep.num_samples={max(1, configs_in(mode) // 2)}",
             f"sweep.confirm.top_k={mode['top_k']}", f"sweep.confirm.seeds={mode['seeds']}",
             f"sweep.seed={seed}", *extra]
 

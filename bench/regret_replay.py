@@ -8,7 +8,9 @@ the search can be replayed from that sweep's recorded epochs: the sweep's real s
 and scheduler (`search.build_searcher`, `search.build_scheduler`, built from the same
 config as regret.py's search, --set included) are driven by those epochs, with 2 trials
 at once as regret.py runs them. A trial reports epoch e at its start plus the grid's
-`time_total_s` at e; its slot time is that at its last epoch. Its machine time is 2 slots
+`time_total_s` at e; its slot time is that at its last epoch. A trial the scheduler pauses
+(sweep.scheduler=promotion) resumes when the scheduler chooses it, and pays a launch again:
+its first epoch's time less a later epoch's. Its machine time is 2 slots
 x the span from the first launch to the last trial's end, against the grid replayed the
 same way (its trials in order, 2 at once, no gap between). What the replay does not
 have is the search run's own timing, which can reorder results at a rung: a trial that
