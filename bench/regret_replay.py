@@ -119,7 +119,7 @@ def replay(curves: Curves, cfg: Any) -> tuple[list[Run], float]:
     sweep, epochs = cfg.sweep, cfg.train.epochs
     searcher = build_searcher(sweep, CONCURRENT)
     searcher.set_search_properties(sweep.metric, sweep.mode.value, param_space(sweep))
-    scheduler = build_scheduler(sweep, epochs)
+    scheduler = build_scheduler(sweep, epochs, CONCURRENT)
     scheduler.set_search_properties(sweep.metric, sweep.mode.value)
     ctl = ReplayedController(searcher, sweep.num_samples)
     events: list[tuple] = []      # (time, order, trial index, epoch)

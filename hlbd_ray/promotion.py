@@ -38,15 +38,22 @@ def rung_epochs(grace_period: int, max_t: int, reduction_factor: int) -> list[in
 
 
 class PromotionASHA(FIFOScheduler):
-    """Promotion-based ASHA at epoch rungs (module docstring)."""
+    """Promotion-based ASHA at epoch rungs (module docstring), `max_running` trials at once."""
 
-    def __init__(self, time_attr: str, max_t: int, grace_period: int, reduction_factor: int) -> None:
+    def __init__(self, time_attr: str, max_t: int, grace_period: int, reduction_factor: int,
+                 max_running: int) -> None:
         super().__init__()
-        self._time_attr, self._max_t, self._rf = time_attr, max_t, reduction_factor
+        self._time_attr, self._max_t, self._rf, self._max_running = time_attr, max_t, reduction_factor, max_running
         self.rungs = rung_epochs(grace_period, max_t, reduction_factor)
         # rung -> {trial_id: value, lower is better}, and the trials promoted from it.
         self.recorded: dict[int, dict[str, float]] = {r: {} for r in self.rungs}
         self.promoted: dict[int, set[str]] = {r: set() for r in self.rungs}
+        # Promoted paused trials waiting for a slot, in promotion order. Each holds its slot
+        # of the search's concurrency limit already (on_unpause), so that no new trial
+        # takes it: Tune starts every pending trial whose actor fits, and a trial's actor
+        # needs almost no CPU, so a resume beside two running trials would make three
+        # share two CPUs (seen: resumes that took 30-43 s to start).
+        self.due: list[str] = []
         self._metric, self._mode = "", "min"
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -63,39 +70,56 @@ class PromotionASHA(FIFOScheduler):
             self.promoted[epoch].add(trial.trial_id)
             return TrialScheduler.CONTINUE
         tune_controller.search_alg.on_pause(trial.trial_id)
+        self._promote_ranked(tune_controller)       # its slot goes to them first
         return TrialScheduler.PAUSE
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
-        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
-        chosen = self._promote(paused, self._top)
-        if chosen is None and paused and self._only_paused_left(tune_controller, trials):
-            if not any((t.last_result or {}).get(self._time_attr, 0) >= self._max_t for t in trials):
-                chosen = self._promote(paused, self._ranked)   # successive halving's end
-            if chosen is None:
-                for trial in paused.values():
-                    tune_controller.search_alg.on_unpause(trial.trial_id)   # its end reaches the searcher
-                    tune_controller.stop_trial(trial)
-                return None
-        if chosen is not None:
-            tune_controller.search_alg.on_unpause(chosen.trial_id)
-            return chosen
+        self._promote_ranked(tune_controller)
+        if not self.due and self._only_paused_left(tune_controller, trials):
+            self._end(tune_controller, trials)
+        by_id = {t.trial_id: t for t in trials}
+        active = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials)
+        if self.due and active < self._max_running:
+            return by_id[self.due.pop(0)]
         return next((t for t in trials if t.status == Trial.PENDING), None)
 
-    def _promote(self, paused: dict[str, Trial], candidates: Any) -> Trial | None:
-        """The first paused trial among `candidates(rung)`, highest rung first, marked
-        promoted from that rung."""
+    def _promote_ranked(self, tune_controller: Any) -> None:
+        """Every paused trial that now ranks in its rung's top part joins `due`."""
+        paused = self._paused(tune_controller)
         for rung in reversed(self.rungs):
-            for trial_id in candidates(rung):
+            for trial_id in self._top(rung):
                 if trial_id in paused and trial_id not in self.promoted[rung]:
-                    self.promoted[rung].add(trial_id)
-                    return paused[trial_id]
-        return None
+                    self._make_due(tune_controller, rung, trial_id)
+
+    def _end(self, tune_controller: Any, trials: list[Trial]) -> None:
+        """Only paused trials are left: the highest rung's best goes on if no trial reached
+        the last epoch (successive halving's end); otherwise the paused trials are stopped,
+        each counted again by the search's limit first so that its end reaches the searcher."""
+        paused = self._paused(tune_controller)
+        if not any((t.last_result or {}).get(self._time_attr, 0) >= self._max_t for t in trials):
+            for rung in reversed(self.rungs):
+                best = next((t for t in self._ranked(rung) if t in paused and t not in self.promoted[rung]), None)
+                if best is not None:
+                    self._make_due(tune_controller, rung, best)
+                    return
+        for trial in paused.values():
+            tune_controller.search_alg.on_unpause(trial.trial_id)
+            tune_controller.stop_trial(trial)
+
+    def _make_due(self, tune_controller: Any, rung: int, trial_id: str) -> None:
+        self.promoted[rung].add(trial_id)
+        self.due.append(trial_id)
+        tune_controller.search_alg.on_unpause(trial_id)
+
+    def _paused(self, tune_controller: Any) -> dict[str, Trial]:
+        return {t.trial_id: t for t in tune_controller.get_trials()
+                if t.status == Trial.PAUSED and t.trial_id not in self.due}
 
     @staticmethod
     def _only_paused_left(tune_controller: Any, trials: list[Trial]) -> bool:
-        """The search made all its trials, and none is pending or running."""
-        return (tune_controller.search_alg.is_finished()
+        """The search made all its trials, some are paused, and none is pending or running."""
+        return (tune_controller.search_alg.is_finished() and any(t.status == Trial.PAUSED for t in trials)
                 and not any(t.status in (Trial.PENDING, Trial.RUNNING) for t in trials))
 
     def _ranked(self, rung: int) -> list[str]:

@@ -265,7 +265,7 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def build_scheduler(sweep: SweepConfig, max_epochs: int) -> Any:
+def build_scheduler(sweep: SweepConfig, max_epochs: int, max_concurrent: int = 1) -> Any:
     """ASHA at epoch rungs (the time attribute counts epochs, not reports), stopping- or
     promotion-based, or FIFO."""
     if sweep.scheduler == "fifo":
@@ -273,7 +273,7 @@ def build_scheduler(sweep: SweepConfig, max_epochs: int) -> Any:
     if sweep.scheduler == "promotion":
         return PromotionASHA(time_attr="epochs_done", max_t=max_epochs,
                              grace_period=min(sweep.grace_period, max_epochs),
-                             reduction_factor=sweep.reduction_factor)
+                             reduction_factor=sweep.reduction_factor, max_running=max(1, max_concurrent))
     return EpochASHA(time_attr="epochs_done", max_t=max_epochs,
                      grace_period=min(sweep.grace_period, max_epochs),
                      reduction_factor=sweep.reduction_factor, min_peers=sweep.rung_min_peers)

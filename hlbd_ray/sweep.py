@@ -104,7 +104,8 @@ def build_tuner(cfg: Config, data_ref: Any, resources: TrialResources, callbacks
     if candidates is None:
         storage, name, space = cfg.resolved_storage_path(), s.name, param_space(s)
         search_alg = restorable_search(build_searcher(s, resources.max_concurrent), resources.max_concurrent)
-        scheduler, num_samples, budget = build_scheduler(s, cfg.train.epochs), num_trials(s), s.time_budget_s or None
+        scheduler = build_scheduler(s, cfg.train.epochs, resources.max_concurrent)
+        num_samples, budget = num_trials(s), s.time_budget_s or None
     else:
         # Its own (storage_path, name) pair rather than a name with a slash: a restored
         # experiment named "sweep/confirm" persisted its new trials nowhere (seen on Ray 2.60).

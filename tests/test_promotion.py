@@ -55,8 +55,9 @@ class FakeController:
         trial.status = Trial.TERMINATED
 
 
-def scheduler(mode: str = "min", max_t: int = 4, reduction_factor: int = 3) -> PromotionASHA:
-    s = PromotionASHA(time_attr="epochs_done", max_t=max_t, grace_period=1, reduction_factor=reduction_factor)
+def scheduler(mode: str = "min", max_t: int = 4, reduction_factor: int = 3, max_running: int = 2) -> PromotionASHA:
+    s = PromotionASHA(time_attr="epochs_done", max_t=max_t, grace_period=1, reduction_factor=reduction_factor,
+                      max_running=max_running)
     s.set_search_properties("val_loss", mode)
     return s
 
@@ -83,9 +84,12 @@ def test_a_trial_goes_on_only_when_it_ranks_in_the_top_third_of_its_rung():
     assert report(s, ctl, a, 1, 2.0) == PAUSE and report(s, ctl, b, 1, 3.0) == PAUSE
     assert ctl.events == [("pause", "a"), ("pause", "b")]
     assert s.choose_trial_to_run(ctl) is None            # 2 at the rung: no top third yet
-    # The third is worse than a: it pauses, and a, now the top third of 3, is promoted.
+    # The third is worse than a: it pauses, and a, now the top third of 3, is promoted at
+    # once: it takes the slot c frees (counted again by the search's limit before c's is
+    # released, so no new trial takes it), and runs when fewer than 2 trials are active.
     assert report(s, ctl, c, 1, 2.5) == PAUSE
-    assert s.choose_trial_to_run(ctl) is a and ("unpause", "a") in ctl.events
+    assert ctl.events[-2:] == [("pause", "c"), ("unpause", "a")] and s.due == ["a"]
+    assert s.choose_trial_to_run(ctl) is a and s.due == []
     a.status = Trial.PENDING                              # Tune stages it
     assert s.choose_trial_to_run(ctl) is a                # a pending trial, not a second promotion
     # Six at the rung: the top third is two; d, the best, goes on without a pause.
@@ -96,6 +100,25 @@ def test_a_trial_goes_on_only_when_it_ranks_in_the_top_third_of_its_rung():
     assert report(s, ctl, d, 1, 1.0) == CONTINUE
     assert report(s, ctl, f, 1, 8.0) == PAUSE
     assert s.promoted[1] == {"a", "d"} and s.choose_trial_to_run(ctl) is None
+
+
+def test_a_promoted_trial_waits_for_a_slot_while_the_limit_is_running():
+    a, b, c, d, e = (FakeTrial(x) for x in "abcde")
+    ctl, s = FakeController([a, b, c, d, e]), scheduler(max_running=2)
+    report(s, ctl, a, 1, 1.0)
+    report(s, ctl, b, 1, 2.0)
+    # c goes on at its rung, and a now ranks: due, but c and d hold both slots.
+    assert report(s, ctl, c, 1, 0.5) == CONTINUE and s.due == []
+    assert report(s, ctl, e, 1, 3.0) == PAUSE           # n=4: top 1 is c, already promoted
+    f, g = FakeTrial("f"), FakeTrial("g")
+    ctl.trials += [f, g]
+    report(s, ctl, f, 1, 4.0)
+    report(s, ctl, g, 1, 5.0)                           # n=6: top 2 = c, a: a is due
+    assert s.due == ["a"] and ("unpause", "a") in ctl.events
+    c.status = d.status = Trial.RUNNING
+    assert s.choose_trial_to_run(ctl) is None           # two running: a waits
+    d.status = Trial.TERMINATED
+    assert s.choose_trial_to_run(ctl) is a
 
 
 def test_a_resumed_trials_repeated_rung_report_and_a_missing_metric_change_nothing():
